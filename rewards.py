@@ -54,7 +54,9 @@ def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_bucket
 TASKS: dict[str, Callable[..., Task]] = {}
 
 
-def get_task(name: str, device: str | torch.device = "cpu", world: str = "real", prompt_file: str | None = None):
+def get_task(
+    name: str, device: str | torch.device = "cpu", world: str = "real", prompt_file: str | None = None
+):
     """Build the task `name`; world="toy" gives the toy world's versions of pref, skin and comp."""
     if world == "toy":
         import toyworld

@@ -1,0 +1,364 @@
+"""Stochastic DDIM sampling that records each step's Gaussian log-prob (paper section 1).
+
+Denoising is a T-step MDP: state (c, t, x_t), action x_{t-1}, policy
+pi(x_{t-1} | x_t, c) = N(mu_theta(x_t, t, c), sigma_t^2 I). With eta > 0 every DDIM step is such a
+Gaussian, so the log-prob of an action is tractable and the policy gradient applies.
+
+python -c "import sampler; print(sampler.sample(sampler.load_pipeline('tiny'), ['a cat'])['images'].shape)"
+
+Names in the code -> symbols of DDIM (Song et al. 2021, eqs. 12 and 16):
+    alpha_prod_t       alpha-bar_t         (cumulative product of the noise schedule)
+    alpha_prod_t_prev  alpha-bar_{t-1}     (at the previous DDIM step, not t - 1)
+    pred_original      x_0-hat             predicted clean latents
+    pred_epsilon       epsilon-hat         predicted noise
+    std_dev_t          sigma_t             eta * sqrt((1 - a_{t-1}) / (1 - a_t)) * sqrt(1 - a_t / a_{t-1})
+"""
+
+import math
+import os
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-model")
+
+
+#### The DDIM step with its log-prob ####
+
+
+def _per_sample(values: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torch.Tensor:
+    """values[timestep] shaped (B, 1, 1, ...) so that it broadcasts against a (B, C, H, W) sample."""
+    out = values.to(timestep.device)[timestep.clamp(min=0)]
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under N(mu, sigma_t^2 I).
+
+    scheduler: a DDIMScheduler after `set_timesteps`. timestep: int, 0-d or (B,) tensor.
+    prev_sample: when given, the action whose log-prob is wanted (training); when None it is drawn.
+    Returns prev_sample in `sample`'s dtype and log_prob (B,) in float32, averaged over the
+    non-batch dimensions (a sum over 4x64x64 dims would overflow exp(new - old); PAPER.md section 1).
+    A step with sigma_t = 0 (eta = 0) is deterministic: it has no density, carries no policy
+    gradient, and its log_prob is reported as 0.
+    """
+    config = scheduler.config
+    dtype = sample.dtype
+    model_output, sample = model_output.float(), sample.float()
+    timestep = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)  # (B,) or (1,)
+    prev_timestep = timestep - config.num_train_timesteps // scheduler.num_inference_steps
+
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    alpha_prod_t = _per_sample(alphas_cumprod, timestep, sample.ndim)
+    alpha_prod_t_prev = torch.where(
+        prev_timestep >= 0,
+        alphas_cumprod.to(sample.device)[prev_timestep.clamp(min=0)],
+        torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=sample.device),
+    ).reshape(alpha_prod_t.shape)
+    beta_prod_t = 1 - alpha_prod_t
+
+    # x_0-hat and epsilon-hat from the network's output
+    if config.prediction_type == "epsilon":
+        pred_original = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+        pred_epsilon = model_output
+    elif config.prediction_type == "v_prediction":
+        pred_original = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+        pred_epsilon = alpha_prod_t.sqrt() * model_output + beta_prod_t.sqrt() * sample
+    else:
+        raise ValueError(
+            f"prediction_type {config.prediction_type!r} is not supported; use epsilon or v_prediction"
+        )
+    if config.thresholding:
+        raise ValueError(
+            "dynamic thresholding is not supported; build the DDIMScheduler with thresholding=False"
+        )
+    if config.clip_sample:
+        pred_original = pred_original.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+    # Eq. 16: sigma_t = eta * sqrt((1 - a_{t-1}) / (1 - a_t) * (1 - a_t / a_{t-1}))
+    variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance.clamp(min=0).sqrt()
+
+    # Eq. 12: mu = sqrt(a_{t-1}) x_0-hat + sqrt(1 - a_{t-1} - sigma_t^2) epsilon-hat
+    direction = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0).sqrt() * pred_epsilon
+    mean = alpha_prod_t_prev.sqrt() * pred_original + direction
+
+    if prev_sample is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std_dev_t * noise
+    prev_sample = prev_sample.float()
+
+    # log N(x_{t-1}; mu, sigma^2 I), averaged over all non-batch dims; guarded where sigma = 0.
+    stochastic = std_dev_t > 0
+    safe_std = torch.where(stochastic, std_dev_t, torch.ones_like(std_dev_t))
+    log_prob = (
+        -((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2)
+        - torch.log(safe_std)
+        - 0.5 * math.log(2 * math.pi)
+    )
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))  # (B,)
+    return prev_sample.to(dtype), log_prob
+
+
+#### Loading a pipeline ####
+
+
+def _tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (no merges) built in code: the byte alphabet, each
+    byte also as an end-of-word token, and the three special tokens."""
+    alphabet = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in alphabet + [a + "</w>" for a in alphabet]:
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_pipeline() -> StableDiffusionPipeline:
+    """Stable Diffusion's components with random weights, built in code (no download): 32x32
+    images, 4x8x8 latents. The same seed gives the same weights on every rank."""
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pipeline(
+    model: str, device="cpu", dtype: torch.dtype = torch.float32, checkpoint: str | None = None
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x / 2.x pipeline with a DDIMScheduler built from its own scheduler config.
+
+    model: "tiny" (random weights, built in code), "toy" (the toy world's pretrained model in
+    data/toy-model), a local diffusers folder, or a Hugging Face id such as
+    "stabilityai/stable-diffusion-2-base". checkpoint: a folder written by train.py whose UNet (or
+    LoRA adapter) replaces the base model's. Every module is frozen and in eval mode.
+    """
+    if model == "tiny":
+        pipe = tiny_pipeline()
+    else:
+        path = TOY_MODEL_DIR if model == "toy" else model
+        if model == "toy" and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(
+                f"the toy model is missing from {path}; run `python toyworld.py pretrain`"
+            )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"could not load a Stable Diffusion pipeline from {model!r}: it is not a local folder with a "
+                f"model_index.json and loading it as a Hugging Face id failed ({error}). Pass a diffusers "
+                "folder, a hub id such as 'stabilityai/stable-diffusion-2-base' (needs network or a cached "
+                "copy), 'toy' or 'tiny'."
+            ) from error
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if checkpoint is not None:
+        load_checkpoint_weights(pipe, checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return pipe.to(device) if pipe.unet.dtype == dtype else pipe.to(device, dtype)
+
+
+def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str) -> None:
+    """Replace the pipeline's UNet by a train.py checkpoint's: `unet/` (full fine-tune, diffusers
+    layout) or `lora/` (a peft adapter, merged into the base weights)."""
+    if os.path.isdir(os.path.join(checkpoint, "unet")):
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(checkpoint, "unet"))
+        pipe.unet.load_state_dict(unet.state_dict())
+    elif os.path.isdir(os.path.join(checkpoint, "lora")):
+        from peft import PeftModel
+
+        pipe.unet = PeftModel.from_pretrained(pipe.unet, os.path.join(checkpoint, "lora")).merge_and_unload()
+    else:
+        raise FileNotFoundError(
+            f"{checkpoint} holds neither unet/ nor lora/; pass a folder written by train.py"
+        )
+
+
+#### Prompts, guidance, sampling ####
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], negative_prompt: str = ""):
+    """Text embeddings of the prompts and of the negative prompt, each (B, L, D)."""
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return text_encoder(ids.to(text_encoder.device))[0]
+
+    prompt_embeds = encode(list(prompts))
+    negative_prompt_embeds = encode([negative_prompt]).expand_as(prompt_embeds)
+    return prompt_embeds, negative_prompt_embeds
+
+
+def predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance: float):
+    """Classifier-free guidance with ONE batched UNet call for the unconditional and conditional halves:
+    eps = eps_uncond + w * (eps_cond - eps_uncond). Returns float32 (B, C, h, w)."""
+    x = latents.to(unet.dtype)
+    if guidance == 1.0:  # w = 1 is the plain conditional model: one half suffices
+        return unet(x, timestep, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
+    timestep = torch.as_tensor(timestep, device=x.device)
+    timestep = timestep.repeat(2) if timestep.ndim == 1 else timestep
+    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]).to(unet.dtype)
+    eps_uncond, eps_cond = (
+        unet(torch.cat([x, x]), timestep, encoder_hidden_states=embeds).sample.float().chunk(2)
+    )
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode to images (B, 3, H, W) in [0, 1], float32."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    num_steps: int = 50,
+    guidance: float = 7.0,
+    eta: float = 1.0,
+    generator=None,
+    negative_prompt: str = "",
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run the whole denoising chain and keep the trajectory.
+
+    generator: None, one torch.Generator, or a list of B generators (image i then depends only on
+    generator i: paired base / fine-tuned images share their noise). Returns
+        images     (B, 3, H, W)   in [0, 1]
+        latents    (B, T+1, C, h, w)  x_T ... x_0, float32
+        log_probs  (B, T)         log pi(x_{t-1} | x_t, c) of each action, float32
+        timesteps  (T,)
+        prompt_embeds, negative_prompt_embeds  (B, L, D)
+    """
+    if len(prompts) == 0:
+        raise ValueError("sample() needs at least one prompt")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = unet.device
+    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts, negative_prompt)
+    scheduler.set_timesteps(num_steps, device=device)
+    timesteps = scheduler.timesteps  # (T,)
+
+    size = unet.config.sample_size
+    shape = (len(prompts), unet.config.in_channels, size, size)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
+    all_latents, all_log_probs = [latents], []
+    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+        noise_pred = predict_noise(unet, latents, t, prompt_embeds, negative_prompt_embeds, guidance)
+        latents, log_prob = ddim_step_with_logprob(
+            scheduler, noise_pred, t, latents, eta, generator=generator
+        )
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+
+    return {
+        "images": decode(pipe, latents),
+        "latents": torch.stack(all_latents, dim=1),  # (B, T+1, C, h, w)
+        "log_probs": torch.stack(all_log_probs, dim=1),  # (B, T)
+        "timesteps": timesteps,  # (T,)
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt_embeds": negative_prompt_embeds,
+    }
+
+
+def step_log_prob(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    timestep,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance: float = 7.0,
+    eta: float = 1.0,
+) -> torch.Tensor:
+    """log pi_theta(x_{t-1} | x_t, c) of stored transitions under the CURRENT UNet, with gradients and
+    classifier-free guidance recomputed (the PPO ratio's numerator). Returns (B,) float32.
+    The scheduler must hold the timesteps the trajectory was sampled with (set_timesteps)."""
+    noise_pred = predict_noise(pipe.unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance)
+    _, log_prob = ddim_step_with_logprob(
+        pipe.scheduler, noise_pred, timestep, latents, eta, prev_sample=next_latents
+    )
+    return log_prob
