@@ -272,12 +272,13 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], negative_p
 def predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance: float):
     """Classifier-free guidance with ONE batched UNet call for the unconditional and conditional halves:
     eps = eps_uncond + w * (eps_cond - eps_uncond). Returns float32 (B, C, h, w)."""
-    x = latents.to(unet.dtype)
+    dtype = next(unet.parameters()).dtype  # works for a bare, DDP- or peft-wrapped UNet
+    x = latents.to(dtype)
     if guidance == 1.0:  # w = 1 is the plain conditional model: one half suffices
-        return unet(x, timestep, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
+        return unet(x, timestep, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
     timestep = torch.as_tensor(timestep, device=x.device)
     timestep = timestep.repeat(2) if timestep.ndim == 1 else timestep
-    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]).to(unet.dtype)
+    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype)
     eps_uncond, eps_cond = (
         unet(torch.cat([x, x]), timestep, encoder_hidden_states=embeds).sample.float().chunk(2)
     )
@@ -345,7 +346,8 @@ def sample(
 
 
 def step_log_prob(
-    pipe: StableDiffusionPipeline,
+    unet,
+    scheduler: DDIMScheduler,
     latents: torch.Tensor,
     next_latents: torch.Tensor,
     timestep,
@@ -354,11 +356,11 @@ def step_log_prob(
     guidance: float = 7.0,
     eta: float = 1.0,
 ) -> torch.Tensor:
-    """log pi_theta(x_{t-1} | x_t, c) of stored transitions under the CURRENT UNet, with gradients and
-    classifier-free guidance recomputed (the PPO ratio's numerator). Returns (B,) float32.
-    The scheduler must hold the timesteps the trajectory was sampled with (set_timesteps)."""
-    noise_pred = predict_noise(pipe.unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance)
+    """log pi_theta(x_{t-1} | x_t, c) of stored transitions under the CURRENT UNet (which may be wrapped
+    in DDP or peft), with gradients and classifier-free guidance recomputed: the PPO ratio's numerator.
+    The scheduler must hold the timesteps the trajectory was sampled with (set_timesteps). Returns (B,)."""
+    noise_pred = predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance)
     _, log_prob = ddim_step_with_logprob(
-        pipe.scheduler, noise_pred, timestep, latents, eta, prev_sample=next_latents
+        scheduler, noise_pred, timestep, latents, eta, prev_sample=next_latents
     )
     return log_prob

@@ -176,7 +176,8 @@ def test_recomputed_log_probs_give_ratio_one_at_every_step(pipe):
         for rows in (slice(0, 4), slice(1, 3)):  # the whole batch and a micro-batch of it
             with torch.no_grad():
                 new = sampler.step_log_prob(
-                    pipe,
+                    pipe.unet,
+                    pipe.scheduler,
                     latents[rows, j],
                     latents[rows, j + 1],
                     t,
@@ -193,7 +194,8 @@ def test_step_log_prob_has_gradients_wrt_unet(pipe):
     try:
         t = out["timesteps"][1]
         log_prob = sampler.step_log_prob(
-            pipe,
+            pipe.unet,
+            pipe.scheduler,
             out["latents"][:, 1],
             out["latents"][:, 2],
             t,
