@@ -26,6 +26,7 @@ class Task:
     prompts: Callable[[str, int], Sequence[tuple[str, dict]]]  # (split, seed) -> [(prompt, metadata)]
     splits: tuple[str, ...]  # the first split is the training split
     reward: RewardFn
+    minibatch: bool = False  # the reward is defined on a group of images of one prompt (skin, color)
 
 
 #### Minibatch reward: statistical parity (paper section 4, "skin") ####
