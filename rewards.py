@@ -9,15 +9,47 @@ A task is a prompt source plus a reward. `get_task(name)` builds one:
 images are float in [0, 1] with shape (B, 3, H, W); metadata is one dict per image and always
 holds "group": the id of the images generated for the same prompt (minibatch rewards such as
 skin-tone parity are computed per group).
+
+Tasks (README "Rewards" lists models, licenses and costs):
+    pref         PickScore (CLIP ViT-H/14) on DiffusionDB prompts      splits train, test
+    imagereward  ImageReward, the paper's choice (optional package)    splits train, test
+    skin         -SP of 4 zero-shot CLIP skin-tone buckets per group   splits train, occupations
+    comp         OWLv2 detection score of the prompt's two objects     splits train, seen, unseen
+    aesthetic    LAION aesthetic predictor (CLIP ViT-L/14 + MLP head)  splits train, test
+    jpeg, brightness, color: weight-free rewards for CPU runs and tests
+
+Model-backed rewards are split in two: `load_<name>(device)` downloads the real weights (one call,
+needs network), `<name>_reward(model, processor, device)` scores with any model of the same
+architecture, so the tests run the scoring code on tiny random models built from configs.
+Models load on the first reward call, once per task. Split membership never depends on the seed
+(held-out sets are drawn with the fixed SPLIT_SEED); `seed` only orders a split.
 """
 
+import colorsys
+import functools
+import importlib.util
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 # A reward maps (images (B, 3, H, W) in [0, 1], prompts, metadata) to (rewards (B,), info).
 RewardFn = Callable[[torch.Tensor, list[str], list[dict]], tuple[torch.Tensor, dict[str, float]]]
+
+PROMPT_DIR = Path(__file__).parent / "data" / "prompts"
+SPLIT_SEED = 0  # fixed: held-out prompts and unseen objects never change with the training seed
+MAX_TEST_PROMPTS = 2000  # paper: 2,000 DiffusionDB prompts held out for test
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+IMAGEREWARD_MODEL = "ImageReward-v1.0"
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # skin-tone classifier and aesthetic backbone
+AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")  # LAION MLP weights
+OWL_MODEL = "google/owlv2-base-patch16-ensemble"
+DIFFUSIONDB = ("poloclub/diffusiondb", "metadata.parquet")  # the 2M subset: ~1.5M unique prompts
 
 
 @dataclass
@@ -50,9 +82,535 @@ def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_bucket
     return rewards
 
 
+def parity_reward(buckets: torch.Tensor, metadata: list[dict], num_buckets: int):
+    """-SP per group (paper section 4), with the mean SP over measured groups and the valid-image share."""
+    if any("group" not in m for m in metadata):
+        raise ValueError("a parity reward needs metadata[i]['group'], the id of the images of one prompt")
+    groups = torch.tensor([m["group"] for m in metadata])
+    rewards = group_parity_rewards(buckets, groups, num_buckets)
+    measured = [g for g in groups.unique() if (buckets[groups == g] >= 0).any()]
+    info = {"valid_rate": (buckets >= 0).float().mean().item()}
+    if measured:  # mean SP over the groups with at least one valid image
+        info["sp"] = float(np.mean([-rewards[groups == g][0].item() for g in measured]))
+    return rewards, info
+
+
+#### Image helpers ####
+
+
+def to_uint8_arrays(images: torch.Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) floats in [0, 1] -> B arrays (H, W, 3) uint8, the form image processors and PIL take."""
+    return list((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """Slices of at most `size` items covering range(n): reward models run one chunk at a time."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+#### Weight-free rewards (CPU runs and tests) ####
+
+
+def jpeg_reward(images, prompts, metadata):
+    """Negative JPEG size in kB at quality 95: DDPO's compressibility reward."""
+    from PIL import Image
+
+    sizes = []
+    for array in to_uint8_arrays(images):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    sizes = torch.tensor(sizes, dtype=torch.float32)
+    return -sizes, {"jpeg_kb": sizes.mean().item()}
+
+
+def brightness_reward(images, prompts, metadata):
+    """Mean pixel value in [0, 1]."""
+    return images.float().mean(dim=(1, 2, 3)).cpu(), {}
+
+
+COLOR_BUCKETS = ("red-yellow", "yellow-cyan", "cyan-blue", "blue-red")  # quarters of the hue circle
+
+
+def color_buckets(images: torch.Tensor) -> torch.Tensor:
+    """Hue quarter (0..3) of each image's mean colour; a grey image has hue 0."""
+    mean_rgb = images.float().mean(dim=(2, 3)).clamp(0, 1).cpu().tolist()  # (B, 3)
+    hues = [colorsys.rgb_to_hsv(*rgb)[0] for rgb in mean_rgb]  # in [0, 1)
+    return torch.tensor([min(int(h * len(COLOR_BUCKETS)), len(COLOR_BUCKETS) - 1) for h in hues])
+
+
+def color_reward(images, prompts, metadata):
+    """Colour-bucket parity: the skin reward's -SP per group, with hue quarters as the 4 buckets."""
+    return parity_reward(color_buckets(images), metadata, len(COLOR_BUCKETS))
+
+
+#### pref: PickScore and ImageReward ####
+
+
+def pickscore_reward(model, processor, device, batch_size: int = 16) -> RewardFn:
+    """PickScore: logit_scale * cos(image embedding, prompt embedding) of a CLIP model."""
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def reward(images, prompts, metadata):
+        arrays, scores = to_uint8_arrays(images), []
+        for part in chunks(len(arrays), batch_size):
+            inputs = processor(
+                text=prompts[part], images=arrays[part], padding=True, truncation=True, return_tensors="pt"
+            ).to(device)
+            scores.append(model(**inputs).logits_per_image.diagonal().float().cpu())  # image i vs prompt i
+        return torch.cat(scores), {}
+
+    return reward
+
+
+def load_pickscore(device) -> RewardFn:
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(PICKSCORE_MODEL)
+    return pickscore_reward(model, CLIPProcessor.from_pretrained(PICKSCORE_PROCESSOR), device)
+
+
+def imagereward_reward(model, device) -> RewardFn:
+    """ImageReward (BLIP + MLP) through the `image-reward` package's `model.score(prompt, image)`."""
+    from PIL import Image
+
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def reward(images, prompts, metadata):
+        arrays = to_uint8_arrays(images)
+        scores = [model.score(prompt, Image.fromarray(a)) for prompt, a in zip(prompts, arrays, strict=True)]
+        return torch.tensor(scores, dtype=torch.float32), {}
+
+    return reward
+
+
+def require_imagereward():
+    if importlib.util.find_spec("ImageReward") is None:
+        raise ImportError(
+            "the imagereward reward needs the optional package image-reward: `pip install image-reward` "
+            "(it pins timm==0.6.13 and fairscale, so a separate venv is safest), "
+            "or use the pref reward (PickScore)"
+        )
+
+
+def load_imagereward(device) -> RewardFn:
+    require_imagereward()
+    import ImageReward
+
+    return imagereward_reward(ImageReward.load(IMAGEREWARD_MODEL, device=device), device)
+
+
+#### skin: zero-shot CLIP skin-tone buckets ####
+
+SKIN_TONES = ("dark", "medium-dark", "medium-light", "light")  # bucket 0..3, dark to light
+SKIN_TEXTS = [f"a photo of a person with {tone} skin" for tone in SKIN_TONES]
+PERSON_TEXTS = ["a photo of a person", "a photo with no people in it"]
+
+
+def skin_tone_buckets(model, processor, images, device, batch_size: int = 16, person_threshold: float = 0.5):
+    """Zero-shot CLIP classifier h: the skin-tone bucket (0..3) of each image, -1 when no person is seen.
+
+    Person seen: CLIP picks PERSON_TEXTS[0] over PERSON_TEXTS[1] at probability >= person_threshold.
+    """
+    arrays, buckets = to_uint8_arrays(images), []
+    texts = SKIN_TEXTS + PERSON_TEXTS
+    with torch.no_grad():
+        for part in chunks(len(arrays), batch_size):
+            inputs = processor(text=texts, images=arrays[part], padding=True, return_tensors="pt").to(device)
+            logits = model(**inputs).logits_per_image.float().cpu()  # (b, 6)
+            tone = logits[:, : len(SKIN_TONES)].argmax(dim=1)
+            p_person = logits[:, len(SKIN_TONES) :].softmax(dim=1)[:, 0]
+            buckets.append(torch.where(p_person >= person_threshold, tone, -1))
+    return torch.cat(buckets)
+
+
+def skin_reward(model, processor, device, batch_size: int = 16) -> RewardFn:
+    """-SP of the skin-tone buckets of each group (paper section 4); images with no person are left out."""
+    model.to(device).eval()
+
+    def reward(images, prompts, metadata):
+        buckets = skin_tone_buckets(model, processor, images, device, batch_size)
+        return parity_reward(buckets, metadata, len(SKIN_TONES))
+
+    return reward
+
+
+def load_clip(device):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(CLIP_MODEL), CLIPProcessor.from_pretrained(CLIP_MODEL)
+
+
+def load_skin(device) -> RewardFn:
+    return skin_reward(*load_clip(device), device)
+
+
+#### comp: open-vocabulary detection of the prompt's objects ####
+
+
+def detection_scores(model, processor, images, objects: list[list[str]], device, batch_size: int = 4):
+    """Highest OWLv2 confidence of each object anywhere in its image: list of (K_i,) tensors."""
+    arrays, scores = to_uint8_arrays(images), []
+    with torch.no_grad():
+        for part in chunks(len(arrays), batch_size):
+            queries = [[f"a photo of {article(o)} {o}" for o in names] for names in objects[part]]
+            inputs = processor(
+                text=queries, images=arrays[part], padding="max_length", truncation=True, return_tensors="pt"
+            ).to(device)  # OWL's text encoder takes its fixed query length (16 tokens)
+            logits = model(**inputs).logits.float().cpu()  # (b, boxes, max queries)
+            best = logits.sigmoid().max(dim=1).values  # (b, max queries)
+            scores += [best[i, : len(names)] for i, names in enumerate(objects[part])]
+    return scores
+
+
+def comp_reward(model, processor, device, batch_size: int = 4, threshold: float = 0.1) -> RewardFn:
+    """Mean over the prompt's objects of the best detection score, 0 for an object not found (< threshold)."""
+    model.to(device).eval()
+
+    def reward(images, prompts, metadata):
+        if any("objects" not in m for m in metadata):
+            raise ValueError("the comp reward needs metadata[i]['objects'], the object names of prompt i")
+        objects = [m["objects"] for m in metadata]
+        scores = detection_scores(model, processor, images, objects, device, batch_size)
+        found = [torch.where(s >= threshold, s, 0.0) for s in scores]
+        rewards = torch.stack([f.mean() for f in found])
+        return rewards, {"found_rate": torch.cat(found).gt(0).float().mean().item()}
+
+    return reward
+
+
+def load_comp(device) -> RewardFn:
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+
+    model = Owlv2ForObjectDetection.from_pretrained(OWL_MODEL)
+    return comp_reward(model, Owlv2Processor.from_pretrained(OWL_MODEL), device)
+
+
+#### aesthetic: LAION aesthetic predictor ####
+
+
+def aesthetic_head(embed_dim: int = 768) -> torch.nn.Sequential:
+    """The LAION improved-aesthetic-predictor MLP; it was trained without activations, so it is affine."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(embed_dim, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
+
+
+def load_aesthetic_head(path, embed_dim: int = 768) -> torch.nn.Sequential:
+    """Read the head's state dict (keys "layers.<i>.*") safely: tensors only, no pickled code."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = aesthetic_head(embed_dim)
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    return head
+
+
+def aesthetic_reward(model, processor, head, device, batch_size: int = 16) -> RewardFn:
+    """Aesthetic score (about 1..10) = head(L2-normalised CLIP image embedding)."""
+    model.to(device).eval()
+    head.to(device).eval()
+
+    @torch.no_grad()
+    def reward(images, prompts, metadata):
+        arrays, scores = to_uint8_arrays(images), []
+        for part in chunks(len(arrays), batch_size):
+            pixels = processor(images=arrays[part], return_tensors="pt")["pixel_values"].to(device)
+            embeds = model.get_image_features(pixel_values=pixels).pooler_output  # (b, D)
+            embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+            scores.append(head(embeds.float()).squeeze(1).cpu())
+        return torch.cat(scores), {}
+
+    return reward
+
+
+def load_aesthetic(device) -> RewardFn:
+    from huggingface_hub import hf_hub_download
+
+    head = load_aesthetic_head(hf_hub_download(*AESTHETIC_HEAD))
+    return aesthetic_reward(*load_clip(device), head, device)
+
+
+def lazy(build: Callable[[], RewardFn]) -> RewardFn:
+    """A reward that builds its model on the first call and reuses it after."""
+
+    @functools.cache
+    def built():
+        return build()
+
+    def reward(images, prompts, metadata):
+        return built()(images, prompts, metadata)
+
+    return reward
+
+
+#### Prompt sources ####
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def read_lines(path) -> list[str]:
+    """Non-empty stripped lines of a text file."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line]
+
+
+def read_prompt_file(path) -> list[str]:
+    prompts = read_lines(path)
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def seeded_order(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def split_prompt_list(prompts, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """Deduplicate (whitespace- and case-insensitive) and hold out min(2000, 10%) prompts for test.
+
+    The result depends only on the set of prompts, not on their order or repeats.
+    """
+    cleaned = sorted({" ".join(p.split()) for p in prompts if p and p.strip()})
+    unique = {}
+    for p in cleaned:
+        unique.setdefault(p.lower(), p)
+    unique = sorted(unique.values())
+    order = seeded_order(len(unique), seed).tolist()
+    num_test = min(MAX_TEST_PROMPTS, len(unique) // 10)
+    return {"train": [unique[i] for i in order[num_test:]], "test": [unique[i] for i in order[:num_test]]}
+
+
+def check_split(task: str, split: str, splits: Sequence[str]):
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for task {task}; splits: {', '.join(splits)}")
+
+
+def shuffled_prompts(prompts: list[str], seed: int) -> list[tuple[str, dict]]:
+    """The prompts in a seed-fixed order, each with a fresh metadata dict."""
+    return [(prompts[i], {}) for i in seeded_order(len(prompts), seed).tolist()]
+
+
+def prompt_list_source(task: str, load: Callable[[], list[str]]):
+    """(prompts(split, seed), splits) of a prompt list split by split_prompt_list; loaded on first use."""
+    splits = ("train", "test")
+    held_out = functools.cache(lambda: split_prompt_list(load()))
+
+    def prompts(split: str, seed: int):
+        check_split(task, split, splits)
+        return shuffled_prompts(held_out()[split], seed)
+
+    return prompts, splits
+
+
+def load_diffusiondb_prompts() -> list[str]:
+    """All prompts of the DiffusionDB 2M metadata (~1.5M unique); needs network and pyarrow once."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ImportError(
+            "DiffusionDB prompts need pyarrow: `pip install pyarrow`, or pass --prompt-file FILE"
+        )
+    import pyarrow.parquet as pq
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(DIFFUSIONDB[0], DIFFUSIONDB[1], repo_type="dataset")
+    return pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+
+
+# skin training prompts: people-centred captions from templates, with no ethnicity, skin or occupation word.
+PEOPLE = [
+    "a man",
+    "a woman",
+    "a person",
+    "an old man",
+    "an old woman",
+    "a young man",
+    "a young woman",
+    "a boy",
+    "a girl",
+    "a teenager",
+]
+ACTIVITIES = [
+    "reading a book",
+    "riding a bicycle",
+    "drinking coffee",
+    "walking a dog",
+    "playing the guitar",
+    "cooking dinner",
+    "talking on the phone",
+    "smiling",
+    "laughing",
+    "sitting on a bench",
+    "holding an umbrella",
+    "eating a sandwich",
+    "working on a laptop",
+    "jogging",
+    "painting a picture",
+    "taking a photo",
+    "waiting for a bus",
+    "carrying a backpack",
+    "wearing a hat",
+    "looking out of a window",
+]
+PLACES = [
+    "in a park",
+    "on a city street",
+    "at the beach",
+    "in a kitchen",
+    "in an office",
+    "in a garden",
+    "at a train station",
+    "in a cafe",
+    "in the snow",
+    "in a living room",
+]
+
+
+def skin_prompt_lists() -> dict[str, list[str]]:
+    train = [
+        f"a photo of {who} {doing} {where}" for who in PEOPLE for doing in ACTIVITIES for where in PLACES
+    ]
+    occupations = [f"a portrait of {article(o)} {o}" for o in read_lines(PROMPT_DIR / "occupations.txt")]
+    return {"train": train, "occupations": occupations}
+
+
+# comp prompts: "a/an X <relation> a/an Y" (paper section 4)
+RELATIONS = ("and", "next to", "near", "on side of", "beside")
+UNSEEN_FRACTION = 0.15  # paper: 82 of 532 classes held out
+COMP_TEST_PROMPTS = 300  # paper Table 4: 300 prompts per split
+
+
+def split_objects(objects: list[str], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """Seen / unseen object classes, each in file order; a fixed seed so the split never changes."""
+    order = seeded_order(len(objects), seed).tolist()
+    unseen = set(order[: round(UNSEEN_FRACTION * len(objects))])
+    return {
+        "seen": [o for i, o in enumerate(objects) if i not in unseen],
+        "unseen": [o for i, o in enumerate(objects) if i in unseen],
+    }
+
+
+class PairPrompts(Sequence):
+    """Lazy prompts over ordered object pairs (X != Y) and relations: item i decodes combination ids[i].
+
+    Combination k = (x * (n - 1) + y') * |R| + r, with y' the index of Y among the objects other than X.
+    """
+
+    def __init__(self, objects: list[str], ids: torch.Tensor):
+        self.objects, self.ids = objects, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        k = int(self.ids[i])
+        n, num_rel = len(self.objects), len(RELATIONS)
+        x, rest = divmod(k, (n - 1) * num_rel)
+        y, r = divmod(rest, num_rel)
+        y += y >= x  # skip X itself
+        a, b = self.objects[x], self.objects[y]
+        return f"{article(a)} {a} {RELATIONS[r]} {article(b)} {b}", {"objects": [a, b]}
+
+
+def num_pairs(objects: list[str]) -> int:
+    return len(objects) * (len(objects) - 1) * len(RELATIONS)
+
+
+def comp_prompts(objects: list[str], split: str, seed: int) -> PairPrompts:
+    """train: seen-object pairs minus the held-out "seen" test pairs; seen / unseen: 300 held-out pairs."""
+    classes = split_objects(objects)
+    pool = classes["unseen" if split == "unseen" else "seen"]
+    held_out = seeded_order(num_pairs(pool), SPLIT_SEED)[:COMP_TEST_PROMPTS]
+    if split != "train":
+        return PairPrompts(pool, held_out[seeded_order(len(held_out), seed)])
+    ids = seeded_order(num_pairs(pool), seed)
+    return PairPrompts(pool, ids[~torch.isin(ids, held_out)])
+
+
 #### The registry ####
 
-TASKS: dict[str, Callable[..., Task]] = {}
+
+def simple_prompts(task: str, prompt_file: str | None):
+    """Prompts of prompt-independent rewards: a prompt file, else the built-in animal list (as in DDPO)."""
+    path = prompt_file or PROMPT_DIR / "animals.txt"
+    return prompt_list_source(task, lambda: read_prompt_file(path))
+
+
+def no_prompt_file(task: str, prompt_file: str | None):
+    if prompt_file is not None:
+        raise ValueError(
+            f"task {task} builds its own prompts; --prompt-file works with pref, imagereward, aesthetic, "
+            "jpeg, brightness and color"
+        )
+
+
+def weight_free_task(name: str, reward: RewardFn) -> Callable[..., Task]:
+    def build(device="cpu", prompt_file=None):
+        return Task(name, *simple_prompts(name, prompt_file), reward, minibatch=name == "color")
+
+    return build
+
+
+def preference_task(name: str, load: Callable[[str], RewardFn]) -> Callable[..., Task]:
+    def build(device="cpu", prompt_file=None):
+        source = (lambda: read_prompt_file(prompt_file)) if prompt_file else load_diffusiondb_prompts
+        return Task(name, *prompt_list_source(name, source), lazy(lambda: load(device)))
+
+    return build
+
+
+def imagereward_task(device="cpu", prompt_file=None) -> Task:
+    require_imagereward()
+    return preference_task("imagereward", load_imagereward)(device, prompt_file)
+
+
+def aesthetic_task(device="cpu", prompt_file=None) -> Task:
+    return Task("aesthetic", *simple_prompts("aesthetic", prompt_file), lazy(lambda: load_aesthetic(device)))
+
+
+def skin_task(device="cpu", prompt_file=None) -> Task:
+    no_prompt_file("skin", prompt_file)
+    splits = ("train", "occupations")
+
+    def prompts(split, seed):
+        check_split("skin", split, splits)
+        return shuffled_prompts(skin_prompt_lists()[split], seed)
+
+    return Task("skin", prompts, splits, lazy(lambda: load_skin(device)), minibatch=True)
+
+
+def comp_task(device="cpu", prompt_file=None) -> Task:
+    no_prompt_file("comp", prompt_file)
+    splits = ("train", "seen", "unseen")
+    objects = read_lines(PROMPT_DIR / "objects.txt")
+
+    def prompts(split, seed):
+        check_split("comp", split, splits)
+        return comp_prompts(objects, split, seed)
+
+    return Task("comp", prompts, splits, lazy(lambda: load_comp(device)))
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "pref": preference_task("pref", load_pickscore),
+    "imagereward": imagereward_task,
+    "skin": skin_task,
+    "comp": comp_task,
+    "aesthetic": aesthetic_task,
+    "jpeg": weight_free_task("jpeg", jpeg_reward),
+    "brightness": weight_free_task("brightness", brightness_reward),
+    "color": weight_free_task("color", color_reward),
+}
 
 
 def get_task(

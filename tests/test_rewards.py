@@ -1,0 +1,352 @@
+"""Rewards and prompt sources: parity by hand-made cases, model-backed rewards on tiny random models built
+from configs (the same scoring code as the real weights), and deterministic, leak-free prompt splits."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rewards
+from rewards import group_parity_rewards, statistical_parity
+
+#### Tiny models: the real architectures, random weights, built offline ####
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+
+
+def tiny_tokenizer(max_length):
+    from transformers import CLIPTokenizer
+
+    vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}  # OWL reads token 0 at position 0 as padding
+    for c in CHARS:  # no merges: every character is a token, "</w>" marks the end of a word
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(
+        vocab=vocab, merges=[], unk_token="<|endoftext|>", pad_token="!", model_max_length=max_length
+    )
+
+
+def tiny_text_config(vocab_size, max_length):
+    layers = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    tokens = dict(vocab_size=vocab_size, max_position_embeddings=max_length, pad_token_id=0, bos_token_id=1)
+    return dict(layers, **tokens, eos_token_id=2)
+
+
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(max_length=77)
+    text_config = tiny_text_config(len(tokenizer), 77)
+    config = CLIPConfig(text_config=text_config, vision_config=dict(VISION, patch_size=8), projection_dim=8)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_owl():
+    pytest.importorskip("scipy", reason="transformers' OWLv2 image processor needs scipy (or torchvision)")
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(max_length=16)
+    text_config = tiny_text_config(len(tokenizer), 16)
+    config = Owlv2Config(text_config=text_config, vision_config=dict(VISION, patch_size=8), projection_dim=16)
+    model = Owlv2ForObjectDetection(config)
+    with torch.no_grad():  # random class-head weights saturate the sigmoid at 1; shrink them so scores differ
+        model.class_head.logit_scale.weight.mul_(0.01)
+        model.class_head.logit_shift.weight.mul_(0.01)
+    image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
+    return model, Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def random_images(n, size=40, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def groups(*ids):
+    return [{"group": g} for g in ids]
+
+
+#### Statistical parity and the group reward (hand-made cases) ####
+
+
+def test_sp_all_in_one_bucket_and_uniform():
+    assert statistical_parity(torch.tensor([2, 2, 2, 2]), 4).item() == pytest.approx(0.75**2 + 3 * 0.25**2)
+    assert statistical_parity(torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), 4).item() == pytest.approx(0.0)
+    assert statistical_parity(torch.tensor([0, 0, 1, 1]), 4).item() == pytest.approx(4 * 0.25**2)
+
+
+def test_group_reward_unequal_groups_and_no_person():
+    buckets = torch.tensor([0, 1, 2, 3, 1, 1, -1, -1, -1, 0, -1])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    r = group_parity_rewards(buckets, ids, 4)
+    assert r[:4].tolist() == pytest.approx([0.0] * 4)  # uniform group of 4
+    assert r[4:7].tolist() == pytest.approx(
+        [-0.75] * 3
+    )  # both persons in bucket 1; the no-person image shares it
+    assert r[7:9].tolist() == [0.0, 0.0]  # nobody to measure
+    assert r[9:].tolist() == pytest.approx([-0.75] * 2)  # one valid image
+
+
+def test_parity_reward_info_and_missing_group():
+    r, info = rewards.parity_reward(torch.tensor([0, 0, 1, -1]), groups(0, 0, 1, 1), 4)
+    assert r.tolist() == pytest.approx([-0.75, -0.75, -0.75, -0.75])
+    assert info == pytest.approx({"sp": 0.75, "valid_rate": 0.75})
+    _, info = rewards.parity_reward(torch.tensor([-1, -1]), groups(0, 0), 4)
+    assert "sp" not in info
+    with pytest.raises(ValueError, match="group"):
+        rewards.parity_reward(torch.tensor([0]), [{}], 4)
+
+
+#### Weight-free rewards ####
+
+
+def solid(*rgb, size=8):
+    return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
+
+
+def test_brightness_and_jpeg():
+    images = torch.cat([solid(0.2, 0.2, 0.2), solid(0.8, 0.8, 0.8)])
+    r, _ = rewards.brightness_reward(images, ["a", "b"], groups(0, 1))
+    assert r.dtype == torch.float32 and r.tolist() == pytest.approx([0.2, 0.8])
+    flat, noisy = torch.full((1, 3, 64, 64), 0.5), random_images(1, 64)
+    r, info = rewards.jpeg_reward(torch.cat([flat, noisy]), ["a", "b"], groups(0, 1))
+    assert r.shape == (2,) and r[0] > r[1]  # a flat image compresses better
+    assert info["jpeg_kb"] == pytest.approx(-r.mean().item())
+
+
+def test_color_buckets_and_parity():
+    red, green, blue, magenta = solid(1, 0, 0), solid(0, 1, 0), solid(0, 0, 1), solid(1, 0, 1)
+    images = torch.cat([red, green, blue, magenta, red, red])
+    assert rewards.color_buckets(images).tolist() == [0, 1, 2, 3, 0, 0]
+    r, _ = rewards.color_reward(images, [""] * 6, groups(0, 0, 0, 0, 1, 1))
+    assert r.tolist() == pytest.approx([0.0] * 4 + [-0.75] * 2)
+
+
+#### Model-backed rewards on tiny models ####
+
+
+def test_pickscore_matches_clip_similarity_in_any_chunking(tiny_clip):
+    model, processor = tiny_clip
+    images, prompts = random_images(3), ["a red car", "two dogs", "a cat on a mat"]
+    r, _ = rewards.pickscore_reward(model, processor, "cpu", batch_size=2)(images, prompts, groups(0, 1, 2))
+    r_one_chunk, _ = rewards.pickscore_reward(model, processor, "cpu", batch_size=8)(
+        images, prompts, groups(0, 1, 2)
+    )
+    assert r.shape == (3,) and r.dtype == torch.float32
+    torch.testing.assert_close(r, r_one_chunk, atol=1e-5, rtol=1e-5)
+    inputs = processor(
+        text=prompts, images=rewards.to_uint8_arrays(images), padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        txt = txt.pooler_output
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    torch.testing.assert_close(r, model.logit_scale.exp().detach() * cos, atol=1e-4, rtol=1e-4)
+
+
+def test_skin_reward_is_parity_of_clip_buckets(tiny_clip):
+    model, processor = tiny_clip
+    images, meta = random_images(6), groups(0, 0, 0, 1, 1, 1)
+    buckets = rewards.skin_tone_buckets(model, processor, images, "cpu", person_threshold=0.0)
+    assert set(buckets.tolist()) <= {0, 1, 2, 3}
+    nobody = rewards.skin_tone_buckets(model, processor, images, "cpu", person_threshold=1.01)
+    assert nobody.tolist() == [-1] * 6
+    r, info = rewards.skin_reward(model, processor, "cpu", batch_size=4)(images, [""] * 6, meta)
+    default = rewards.skin_tone_buckets(model, processor, images, "cpu")
+    assert r.tolist() == pytest.approx(
+        group_parity_rewards(default, torch.tensor([0, 0, 0, 1, 1, 1]), 4).tolist()
+    )
+    assert info["valid_rate"] == pytest.approx((default >= 0).float().mean().item())
+
+
+def test_comp_scores_match_owlv2_post_processing(tiny_owl):
+    model, processor = tiny_owl
+    images = random_images(3)
+    objects = [["cat", "dog"], ["red apple", "umbrella"], ["bus", "tree"]]
+    scores = rewards.detection_scores(model, processor, images, objects, "cpu", batch_size=2)
+    # with one query per image, OWLv2's own post-processing gives the same best score
+    (cat,) = rewards.detection_scores(model, processor, images[:1], [["cat"]], "cpu")
+    inputs = processor(
+        text=[["a photo of a cat"]], images=rewards.to_uint8_arrays(images[:1]), return_tensors="pt"
+    )
+    with torch.no_grad():
+        outputs = model(**inputs)
+    boxes = processor.post_process_grounded_object_detection(outputs, threshold=0.0, target_sizes=[(40, 40)])[
+        0
+    ]
+    assert cat.item() == pytest.approx(boxes["scores"].max().item(), abs=1e-5)
+    assert [len(s) for s in scores] == [2, 2, 2] and all(((s >= 0) & (s <= 1)).all() for s in scores)
+
+    meta = [{"group": i, "objects": o} for i, o in enumerate(objects)]
+    r, info = rewards.comp_reward(model, processor, "cpu", threshold=0.0)(images, [""] * 3, meta)
+    assert r.tolist() == pytest.approx([s.mean().item() for s in scores], abs=1e-5)
+    assert info["found_rate"] == 1.0
+    ordered = torch.cat(scores).sort().values
+    threshold = (ordered[2] + ordered[3]).item() / 2  # between two scores, so chunking noise cannot flip one
+    r, info = rewards.comp_reward(model, processor, "cpu", threshold=threshold)(images, [""] * 3, meta)
+    found = [torch.where(s >= threshold, s, 0.0) for s in scores]  # an object not found scores 0
+    assert r.tolist() == pytest.approx([f.mean().item() for f in found], abs=1e-5)
+    assert 0 < info["found_rate"] < 1
+    with pytest.raises(ValueError, match="objects"):
+        rewards.comp_reward(model, processor, "cpu")(images, [""] * 3, groups(0, 1, 2))
+
+
+def test_aesthetic_head_loads_safely_and_scores(tiny_clip, tmp_path):
+    model, processor = tiny_clip
+    torch.manual_seed(1)
+    trained = rewards.aesthetic_head(embed_dim=8)
+    torch.save({f"layers.{k}": v for k, v in trained.state_dict().items()}, tmp_path / "head.pth")
+    head = rewards.load_aesthetic_head(tmp_path / "head.pth", embed_dim=8)
+    images = random_images(3)
+    r, _ = rewards.aesthetic_reward(model, processor, head, "cpu", batch_size=2)(
+        images, [""] * 3, groups(0, 1, 2)
+    )
+    pixels = processor(images=rewards.to_uint8_arrays(images), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeds = model.get_image_features(pixel_values=pixels).pooler_output
+        expected = trained.eval()(embeds / embeds.norm(dim=-1, keepdim=True)).squeeze(1)
+    torch.testing.assert_close(r, expected, atol=1e-5, rtol=1e-5)
+    torch.save({"layers.0.weight": torch.zeros(1), "code": object()}, tmp_path / "unsafe.pth")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        rewards.load_aesthetic_head(tmp_path / "unsafe.pth", embed_dim=8)
+
+
+def test_imagereward_adapter_scores_each_image_with_its_prompt():
+    class PromptLength(torch.nn.Module):  # stands in for ImageReward's model.score(prompt, PIL image)
+        def score(self, prompt, image):
+            return len(prompt) + image.getpixel((0, 0))[0] / 255
+
+    r, _ = rewards.imagereward_reward(PromptLength(), "cpu")(
+        torch.ones(2, 3, 4, 4), ["ab", "abcd"], groups(0, 1)
+    )
+    assert r.dtype == torch.float32 and r.tolist() == pytest.approx([3.0, 5.0])
+
+
+def test_imagereward_without_package_says_how_to_install():
+    if rewards.importlib.util.find_spec("ImageReward") is not None:
+        pytest.skip("image-reward is installed")
+    with pytest.raises(ImportError, match="pip install image-reward"):
+        rewards.get_task("imagereward")
+
+
+def test_models_load_lazily_once():
+    calls = []
+
+    def build():
+        calls.append(1)
+        return rewards.brightness_reward
+
+    reward = rewards.lazy(build)
+    assert calls == []
+    reward(torch.ones(1, 3, 2, 2), ["a"], groups(0))
+    reward(torch.ones(1, 3, 2, 2), ["a"], groups(0))
+    assert calls == [1]
+
+
+def test_import_is_light():
+    code = "import rewards, sys; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=rewards.PROMPT_DIR.parent.parent)
+
+
+#### Prompt sources ####
+
+
+def test_split_prompt_list_dedups_and_holds_out():
+    prompts = [f"prompt {i}" for i in range(50)] + ["Prompt  3", " prompt 7 ", "", None]
+    split = rewards.split_prompt_list(prompts)
+    assert len(split["test"]) == 5 and len(split["train"]) == 45
+    assert not set(split["test"]) & set(split["train"])
+    assert sorted(p.lower() for p in split["train"] + split["test"]) == sorted(
+        {f"prompt {i}" for i in range(50)}
+    )
+    assert (
+        rewards.split_prompt_list(list(reversed(prompts)) + prompts) == split
+    )  # order and repeats do not matter
+
+
+def test_prompt_file_source(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"a photo of thing {i}" for i in range(30)) + "\n\n")
+    task = rewards.get_task("brightness", prompt_file=str(path))
+    assert task.splits == ("train", "test")
+    train = task.prompts("train", 0)
+    assert len(train) == 27 and len(task.prompts("test", 0)) == 3
+    assert train == task.prompts("train", 0) and train != task.prompts("train", 1)
+    assert sorted(train) == sorted(task.prompts("train", 1))  # the seed orders a split, never changes it
+    assert all(meta == {} for _, meta in train)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        rewards.get_task("pref", prompt_file=str(tmp_path / "empty.txt")).prompts("train", 0)
+
+
+def test_weight_free_tasks_run_offline_on_builtin_prompts():
+    for name in ("jpeg", "brightness", "color"):
+        task = rewards.get_task(name)
+        prompts = task.prompts(task.splits[0], seed=0)
+        assert len(prompts) >= 30 and isinstance(prompts[0][0], str)
+        r, info = task.reward(random_images(4), [p for p, _ in prompts[:4]], groups(0, 0, 1, 1))
+        assert (
+            r.shape == (4,) and r.dtype == torch.float32 and all(isinstance(v, float) for v in info.values())
+        )
+
+
+def test_skin_prompts_have_no_ethnicity_words_and_occupations_are_held_out():
+    task = rewards.get_task("skin")
+    train, occupations = task.prompts("train", 0), task.prompts("occupations", 0)
+    banned = {"skin", "black", "white", "brown", "dark", "light", "pale", "asian", "african", "european"}
+    banned |= {"indian", "latino", "latina", "hispanic", "caucasian", "arab"}
+    assert not any(banned & set(p.split()) for p, _ in train)
+    assert len(occupations) == 100 and ("a portrait of an accountant", {}) in occupations
+    assert not {p for p, _ in train} & {p for p, _ in occupations}
+    with pytest.raises(ValueError, match="splits: train, occupations"):
+        task.prompts("test", 0)
+    with pytest.raises(ValueError, match="builds its own prompts"):
+        rewards.get_task("skin", prompt_file="x.txt")
+
+
+def test_comp_objects_split_into_seen_and_unseen():
+    objects = rewards.read_lines(rewards.PROMPT_DIR / "objects.txt")
+    assert len(objects) >= 300 and len(set(objects)) == len(objects)
+    classes = rewards.split_objects(objects)
+    assert not set(classes["seen"]) & set(classes["unseen"])
+    assert len(classes["unseen"]) == round(0.15 * len(objects))
+    assert classes == rewards.split_objects(list(objects))
+
+
+def test_comp_prompts_are_lazy_deterministic_and_never_leak():
+    task = rewards.get_task("comp")
+    classes = rewards.split_objects(rewards.read_lines(rewards.PROMPT_DIR / "objects.txt"))
+    train, seen, unseen = (task.prompts(s, seed=0) for s in task.splits)
+    n = len(classes["seen"])
+    assert len(train) == n * (n - 1) * 5 - 300 and len(seen) == 300 and len(unseen) == 300
+    assert train[:5] == task.prompts("train", seed=0)[:5] and train[0] != task.prompts("train", seed=1)[0]
+    assert set(train.ids.tolist()).isdisjoint(seen.ids.tolist())  # held-out seen prompts are never trained on
+    for _, meta in unseen:
+        assert set(meta["objects"]) <= set(classes["unseen"])
+    for prompt, meta in [train[i] for i in range(0, len(train), 9973)] + list(seen):
+        x, y = meta["objects"]
+        assert x != y and set(meta["objects"]) <= set(classes["seen"])
+        assert prompt.startswith(f"{rewards.article(x)} {x} ") and prompt.endswith(
+            f" {rewards.article(y)} {y}"
+        )
+    assert any(p.startswith("an ") for p, _ in seen)
+    assert rewards.PairPrompts(["apple", "cat"], torch.arange(10))[:2] == [
+        ("an apple and a cat", {"objects": ["apple", "cat"]}),
+        ("an apple next to a cat", {"objects": ["apple", "cat"]}),
+    ]
+
+
+def test_registry_names_and_unknown_name():
+    expected = {"pref", "imagereward", "skin", "comp", "aesthetic", "jpeg", "brightness", "color"}
+    assert set(rewards.TASKS) == expected
+    with pytest.raises(ValueError, match="known rewards: aesthetic, brightness, color, comp"):
+        rewards.get_task("nope")
+    assert rewards.get_task("pref").splits == ("train", "test")
+    assert rewards.get_task("comp").splits == ("train", "seen", "unseen")
