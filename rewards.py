@@ -554,9 +554,9 @@ def no_prompt_file(task: str, prompt_file: str | None):
         )
 
 
-def weight_free_task(name: str, reward: RewardFn) -> Callable[..., Task]:
+def weight_free_task(name: str, reward: RewardFn, minibatch: bool = False) -> Callable[..., Task]:
     def build(device="cpu", prompt_file=None):
-        return Task(name, *simple_prompts(name, prompt_file), reward, minibatch=name == "color")
+        return Task(name, *simple_prompts(name, prompt_file), reward, minibatch)
 
     return build
 
@@ -609,7 +609,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "aesthetic": aesthetic_task,
     "jpeg": weight_free_task("jpeg", jpeg_reward),
     "brightness": weight_free_task("brightness", brightness_reward),
-    "color": weight_free_task("color", color_reward),
+    "color": weight_free_task("color", color_reward, minibatch=True),
 }
 
 

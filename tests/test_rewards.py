@@ -348,5 +348,9 @@ def test_registry_names_and_unknown_name():
     assert set(rewards.TASKS) == expected
     with pytest.raises(ValueError, match="known rewards: aesthetic, brightness, color, comp"):
         rewards.get_task("nope")
+    assert [name for name in sorted(expected - {"imagereward"}) if rewards.get_task(name).minibatch] == [
+        "color",
+        "skin",
+    ]
     assert rewards.get_task("pref").splits == ("train", "test")
     assert rewards.get_task("comp").splits == ("train", "seen", "unseen")
