@@ -626,7 +626,7 @@ def markdown_report(results: dict) -> str:
             "The last row is the joint model's gain over base as a percentage of the specialist's gain on "
             "that metric: 100 * (joint - base) / (specialist - base); for SP (lower is better) both gains "
             "are reductions, so the formula is unchanged and 100% means the joint model lowers SP as much "
-            "as the skin specialist. n/a: the specialist did not improve on base.",
+            "as its specialist. n/a: the specialist did not improve on base.",
             "",
             "| model | "
             + " | ".join(
