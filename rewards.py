@@ -237,14 +237,14 @@ def skin_reward(model, processor, device, batch_size: int = 16) -> RewardFn:
     return reward
 
 
-def load_clip(device):
+def load_clip():
     from transformers import CLIPModel, CLIPProcessor
 
     return CLIPModel.from_pretrained(CLIP_MODEL), CLIPProcessor.from_pretrained(CLIP_MODEL)
 
 
 def load_skin(device) -> RewardFn:
-    return skin_reward(*load_clip(device), device)
+    return skin_reward(*load_clip(), device)
 
 
 #### comp: open-vocabulary detection of the prompt's objects ####
@@ -335,7 +335,7 @@ def load_aesthetic(device) -> RewardFn:
     from huggingface_hub import hf_hub_download
 
     head = load_aesthetic_head(hf_hub_download(*AESTHETIC_HEAD))
-    return aesthetic_reward(*load_clip(device), head, device)
+    return aesthetic_reward(*load_clip(), head, device)
 
 
 def lazy(build: Callable[[], RewardFn]) -> RewardFn:
