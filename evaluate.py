@@ -75,7 +75,7 @@ class Args:
         "comma list of: " + ", ".join(["pref", "skin", "comp", "brightness", "jpeg", "color"]),
     )
     out: str = option("out/eval", "output folder (images are cached here between runs)")
-    prompt_file: str = option(
+    prompt_file: str | None = option(
         None,
         "prompt file (one per line) of pref and the weight-free tasks, as in train.py; "
         "its held-out test split is evaluated",
@@ -85,7 +85,7 @@ class Args:
         "NAME=FILE: a whole prompt file as another pref prompt set, e.g. parti=parti.txt (repeatable)",
         action="append",
     )
-    pref_rewards: str = option(
+    pref_rewards: str | None = option(
         None,
         "comma list of rewards scoring the pref images, the first one judges the win rate "
         '(default "pref,aesthetic"; "pref" with --model toy; the paper\'s is "imagereward,aesthetic")',
@@ -102,7 +102,7 @@ class Args:
     seed: int = option(0, "image k of a prompt set has seed SEED + k; also orders prompts and the A/B page")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     mixed_precision: str = option("no", "pipeline dtype", choices=["no", "fp16", "bf16"])
-    joint: str = option(None, "Table 5: label of the jointly trained checkpoint")
+    joint: str | None = option(None, "Table 5: label of the jointly trained checkpoint")
     specialist: list[str] = option(
         None,
         "Table 5: SUITE=LABEL, the single-task checkpoint of SUITE (repeatable); by default read "
@@ -112,7 +112,7 @@ class Args:
     grids: int = option(20, "grid PNGs per prompt set (the first prompts)")
     ab_pairs: int = option(400, "pairs on the A/B page (paper: 400 prompts)")
     resamples: int = option(10_000, "bootstrap resamples for the 95%% intervals")
-    tally: list[str] = option(
+    tally: list[str] | None = option(
         None, "votes JSON files of the A/B page: print the preference rates and exit", nargs="+"
     )
 
@@ -144,7 +144,7 @@ def parse_args(argv=None) -> Args:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     for f in fields(Args):
-        kwargs = {k: v for k, v in f.metadata.items()}
+        kwargs = dict(f.metadata)
         if "action" not in kwargs and "nargs" not in kwargs:
             kwargs["type"] = type(f.default) if f.default is not None else str
         parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kwargs)
@@ -297,9 +297,8 @@ def generate_images(args: Args, label: str, checkpoint: str | None, prompt_sets:
     with tqdm(total=len(missing), desc=f"generating {label}", unit="image") as progress:
         for start in range(0, len(missing), args.batch_size):
             batch = missing[start : start + args.batch_size]
-            generator = [
-                torch.Generator().manual_seed(seed) for _, _, seed in batch
-            ]  # image k <- seed k only
+            # one generator per image: image k depends on its own seed only, whatever batch it is in
+            generator = [torch.Generator().manual_seed(seed) for _, _, seed in batch]
             images = sampler.sample(
                 pipe, [p for _, p, _ in batch], args.num_steps, args.guidance, args.eta, generator=generator
             )["images"]  # (B, 3, H, W) in [0, 1]
@@ -477,6 +476,43 @@ def table5(results: dict, joint: str, specialists: dict[str, str]) -> list[dict]
 #### Evaluation ####
 
 
+def score_prompt_set(args: Args, ps: PromptSet, files: dict[str, list[str]], scorers: dict) -> dict:
+    """Every model's rewards on one prompt set from each of the suite's scorers, the metric per model with
+    its interval, and each checkpoint's win rate against base judged by the suite's first scorer."""
+    suite = SUITES[ps.suite]
+    result = {
+        "suite": ps.suite,
+        "images_per_prompt": ps.images_per_prompt,
+        "prompts": ps.prompts,
+        "seeds": [seed for _, _, seed in ps.images(args.seed)],
+        "files": files,
+        "scores": {},
+        "win_rate": {},
+    }
+    for i, scorer in enumerate(scorers_of(args, ps.suite)):
+        parity = suite.parity and i == 0
+        scored = {
+            "metric": suite.metric if i == 0 else f"{scorer} score",
+            "lower_is_better": parity,
+            "rewards": {},
+            "value": {},
+            "info": {},
+        }
+        for label, paths in tqdm(files.items(), desc=f"scoring {ps.name} with {scorer}", leave=False):
+            scores, info = score_images(scorers[scorer], ps, paths, args)
+            scored["rewards"][label] = scores.tolist()
+            scored["value"][label] = mean_with_ci(suite_metric(scores, ps.images_per_prompt, parity), args)
+            scored["info"][label] = info
+        result["scores"][scorer] = scored
+    judge = next(iter(result["scores"].values()))["rewards"]
+    for label in files:
+        if label != "base":
+            result["win_rate"][label] = win_rate(
+                judge[label], judge["base"], ps.images_per_prompt, args.resamples, args.seed
+            )
+    return result
+
+
 def evaluate(args: Args) -> dict:
     checkpoints = parse_checkpoints(args.checkpoint)
     for label, path in checkpoints.items():
@@ -493,44 +529,13 @@ def evaluate(args: Args) -> dict:
     files = {label: generate_images(args, label, path, prompt_sets) for label, path in models.items()}
 
     #### SCORING ####
+    names = dict.fromkeys(name for ps in prompt_sets for name in scorers_of(args, ps.suite))
+    scorers = {name: rewards.get_task(name, args.device, world_of(args, name)) for name in names}
     results = {"settings": asdict(args), "checkpoints": checkpoints, "sets": {}}
-    scorers = {name: None for ps in prompt_sets for name in scorers_of(args, ps.suite)}
-    for name in scorers:
-        scorers[name] = rewards.get_task(name, args.device, world_of(args, name))
     for ps in prompt_sets:
-        suite = SUITES[ps.suite]
-        result = {
-            "suite": ps.suite,
-            "images_per_prompt": ps.images_per_prompt,
-            "prompts": ps.prompts,
-            "seeds": [seed for _, _, seed in ps.images(args.seed)],
-            "files": {label: files[label][ps.name] for label in models},
-            "scores": {},
-            "win_rate": {},
-        }
-        for i, scorer in enumerate(scorers_of(args, ps.suite)):
-            parity = suite.parity and i == 0
-            scored = {
-                "metric": suite.metric if i == 0 else f"{scorer} score",
-                "lower_is_better": parity,
-                "rewards": {},
-                "value": {},
-                "info": {},
-            }
-            for label in tqdm(models, desc=f"scoring {ps.name} with {scorer}", leave=False):
-                scores, info = score_images(scorers[scorer], ps, files[label][ps.name], args)
-                scored["rewards"][label] = scores.tolist()
-                scored["value"][label] = mean_with_ci(
-                    suite_metric(scores, ps.images_per_prompt, parity), args
-                )
-                scored["info"][label] = info
-            result["scores"][scorer] = scored
-        judge = result["scores"][scorers_of(args, ps.suite)[0]]["rewards"]
-        for label in checkpoints:
-            result["win_rate"][label] = win_rate(
-                judge[label], judge["base"], ps.images_per_prompt, args.resamples, args.seed
-            )
-        results["sets"][ps.name] = result
+        results["sets"][ps.name] = score_prompt_set(
+            args, ps, {label: f[ps.name] for label, f in files.items()}, scorers
+        )
     results["table5"] = (
         None
         if joint is None
@@ -545,6 +550,29 @@ def evaluate(args: Args) -> dict:
 def fmt(value: dict) -> str:
     low, high = value["ci"]
     return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def details_table(sets: dict, labels: list[str]) -> list[str]:
+    """The rewards' own diagnostics (their info dicts, averaged over images), e.g. the share of images in
+    which the skin reward found a person: a prompt without one counts as SP 0."""
+    columns = [
+        (name, sc, key)
+        for name, r in sets.items()
+        for sc in r["scores"]
+        for key in r["scores"][sc]["info"]["base"]
+    ]
+    if not columns:
+        return []
+    lines = [
+        "Reward details (the reward's info, averaged over images):",
+        "",
+        "| model | " + " | ".join(f"{name} {sc}: {key}" for name, sc, key in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for label in labels:
+        values = [sets[name]["scores"][sc]["info"][label].get(key, float("nan")) for name, sc, key in columns]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    return [*lines, ""]
 
 
 def markdown_report(results: dict) -> str:
@@ -589,7 +617,7 @@ def markdown_report(results: dict) -> str:
                 + " | ".join(fmt(sets[name]["scores"][sc]["value"][label]) for name, sc in columns)
                 + " |"
             )
-        lines.append("")
+        lines += ["", *details_table(sets, labels)]
 
     if results["checkpoints"]:
         lines += [
