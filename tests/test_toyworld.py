@@ -1,0 +1,139 @@
+"""The toy world: exact detectors on rendered scenes, the toy tasks' contracts, the tokenizer, the
+export format, and the committed toy model loading offline and sampling."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import rewards
+import sampler
+import toyworld as tw
+
+
+def render(scenes: list[dict], seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.stack([torch.from_numpy(tw.render(s, rng)).permute(2, 0, 1) for s in scenes])
+
+
+def objects_scene(objects, relation="next to", fade=0.0) -> dict:
+    return {"kind": "objects", "objects": [tuple(o) for o in objects], "relation": relation, "fade": fade}
+
+
+def figure_scene(occupation="doctor", tone=0, fade=0.0) -> dict:
+    return {"kind": "figure", "occupation": occupation, "template": "a {}", "tone": tone, "fade": fade}
+
+
+def test_detect_objects_is_exact_on_rendered_scenes():
+    rng = np.random.default_rng(0)
+    scenes = [s for s in (tw.sample_scene(rng) for _ in range(300)) if s["kind"] == "objects"]
+    for s in scenes:
+        s["fade"] = 0.0
+    conf = tw.detect_objects(render(scenes))  # (B, 6, 5)
+    expected = torch.zeros_like(conf)
+    for i, s in enumerate(scenes):
+        for colour, shape in s["objects"]:
+            expected[i, list(tw.COLOURS).index(colour), tw.TEMPLATES.index(shape)] = 1
+    assert torch.equal(conf[:, :, : len(tw.SHAPES)], expected[:, :, : len(tw.SHAPES)])
+
+
+def test_detectors_on_people_and_faded_scenes():
+    people = [figure_scene(o, tone) for o in tw.OCCUPATIONS for tone in range(4)]
+    images = render(people)
+    assert tw.detect_tone(images).tolist() == [tone for _ in tw.OCCUPATIONS for tone in range(4)]
+    outfit = [list(tw.COLOURS).index(tw.OCCUPATIONS[s["occupation"]][0]) for s in people]
+    assert torch.equal(tw.detect_objects(images)[range(len(people)), outfit, -1], torch.ones(len(people)))
+
+    shapes = render([objects_scene([("white", "circle"), ("yellow", "square")])])
+    assert tw.detect_tone(shapes).tolist() == [-1]  # no person
+    clean = render([objects_scene([("red", "cross")]), figure_scene()])
+    faded = render([objects_scene([("red", "cross")], fade=0.5), figure_scene(fade=0.5)])
+    assert torch.equal(tw.palette_fit(clean), torch.ones(2))
+    assert (tw.palette_fit(faded) < 0.8).all()
+    assert tw.object_scores(faded[:1], [[("red", "cross")]]).item() < 0.5
+
+
+def test_pretraining_data_is_biased():
+    rng = np.random.default_rng(0)
+    scenes = [tw.sample_scene(rng) for _ in range(4000)]
+    kinds = {
+        k: sum(s["kind"] == "figure" if k == "figure" else len(s.get("objects", ())) == k for s in scenes)
+        for k in ("figure", 1, 2)
+    }
+    assert kinds[1] > 1.5 * kinds[2] > 0
+    tones = np.bincount([s["tone"] for s in scenes if s["kind"] == "figure"], minlength=4) / kinds["figure"]
+    np.testing.assert_allclose(tones, tw.TONE_BIAS, atol=0.03)
+
+
+def test_tasks_follow_the_rewards_contract():
+    comp, skin, pref = (rewards.get_task(name, world="toy") for name in ("comp", "skin", "pref"))
+    assert comp.splits == ("train", "seen", "unseen") and skin.splits == ("train", "occupations")
+    assert pref.splits == ("train", "test") and skin.minibatch and not comp.minibatch
+    assert comp.prompts("train", 3) == comp.prompts("train", 3) != comp.prompts("train", 4)
+    trained = {tuple(o) for _, m in comp.prompts("train", 0) for o in m["objects"]}
+    unseen = {tuple(o) for _, m in comp.prompts("unseen", 0) for o in m["objects"]}
+    assert not trained & unseen and unseen == set(tw.UNSEEN_OBJECTS)
+    assert not {p for p, _ in comp.prompts("train", 0)} & {p for p, _ in comp.prompts("seen", 0)}
+    assert {p for p, _ in skin.prompts("occupations", 0)} == {f"a portrait of a {o}" for o in tw.OCCUPATIONS}
+    assert not {p for p, _ in pref.prompts("train", 0)} & {p for p, _ in pref.prompts("test", 0)}
+
+    items = comp.prompts("unseen", 0)[:4]
+    scenes = [objects_scene(m["objects"]) for _, m in items]
+    images = torch.cat([render(scenes), torch.full((1, 3, 32, 32), 0.5)])
+    metadata = [{**m, "group": i} for i, (_, m) in enumerate(items + items[:1])]
+    reward, info = comp.reward(images, [p for p, _ in items + items[:1]], metadata)
+    assert reward.dtype == torch.float32 and reward.tolist() == [1, 1, 1, 1, 0]
+
+    tones = [0, 1, 2, 3, 3, 3, 3, 3]  # group 0: all four tones (SP 0); group 1: all light
+    images = render([figure_scene(tone=t) for t in tones] + [objects_scene([("red", "circle")])])
+    groups = [0] * 4 + [1] * 5  # the shapes image joins group 1 but has no person
+    metadata = [{"occupation": "doctor", "group": g} for g in groups]
+    reward, info = skin.reward(images, ["a doctor"] * 9, metadata)
+    expected = rewards.group_parity_rewards(torch.tensor([*tones, -1]), torch.tensor(groups), 4)
+    assert (
+        torch.equal(reward, expected)
+        and reward[0] == 0
+        and reward[4] == -0.75
+        and info["no_person"] == pytest.approx(1 / 9)
+    )
+
+    images = render([figure_scene("teacher"), figure_scene("teacher", fade=0.5), figure_scene("doctor")])
+    metadata = [{"occupation": "teacher", "group": i} for i in range(3)]
+    reward, info = pref.reward(images, ["a teacher"] * 3, metadata)
+    assert reward[0] == 1 and reward[0] > reward[1] and reward[0] > reward[2]
+
+
+def test_tokenizer_has_every_word_as_one_token():
+    tokenizer = tw.build_tokenizer()
+    for word in tw.vocabulary():
+        assert len(tokenizer(word).input_ids) == 3, word
+    rng = np.random.default_rng(0)
+    longest = max((tw.caption(tw.sample_scene(rng)) for _ in range(2000)), key=lambda c: len(c.split()))
+    assert len(tokenizer(longest).input_ids) <= tw.MAX_TOKENS
+
+
+def test_export_writes_an_imagefolder(tmp_path):
+    from PIL import Image
+
+    tw.export(str(tmp_path), n=5, seed=0)
+    lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [line["file_name"] for line in lines] == [f"{i:05d}.png" for i in range(5)]
+    assert Image.open(tmp_path / "00000.png").size == (32, 32) and all(line["text"] for line in lines)
+
+
+@pytest.mark.skipif(not os.path.isdir(sampler.TOY_MODEL_DIR), reason="the toy model is not pretrained yet")
+def test_toy_model_loads_offline_and_samples():
+    pipe = sampler.load_pipeline("toy")
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor != 1
+    out = sampler.sample(
+        pipe,
+        ["a red circle", "a portrait of a doctor"],
+        num_steps=4,
+        guidance=5.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    images = out["images"]
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert images.std() > 0.05  # a scene, not a flat image
