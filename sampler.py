@@ -231,19 +231,30 @@ def load_pipeline(
 
 
 def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str) -> None:
-    """Replace the pipeline's UNet by a train.py checkpoint's: `unet/` (full fine-tune, diffusers
-    layout) or `lora/` (a peft adapter, merged into the base weights)."""
+    """Replace the pipeline's UNet weights by a train.py checkpoint's: `unet/` (full fine-tune,
+    diffusers layout) or `lora/` (a peft LoRA adapter added to the base UNet)."""
     if os.path.isdir(os.path.join(checkpoint, "unet")):
         unet = UNet2DConditionModel.from_pretrained(os.path.join(checkpoint, "unet"))
         pipe.unet.load_state_dict(unet.state_dict())
     elif os.path.isdir(os.path.join(checkpoint, "lora")):
-        from peft import PeftModel
+        from peft import LoraConfig
 
-        pipe.unet = PeftModel.from_pretrained(pipe.unet, os.path.join(checkpoint, "lora")).merge_and_unload()
+        pipe.unet.add_adapter(LoraConfig.from_pretrained(os.path.join(checkpoint, "lora")))
+        load_lora_weights(pipe.unet, os.path.join(checkpoint, "lora"))
     else:
         raise FileNotFoundError(
             f"{checkpoint} holds neither unet/ nor lora/; pass a folder written by train.py"
         )
+
+
+def load_lora_weights(unet, folder: str) -> None:
+    """Load adapter_model.safetensors into a UNet that already carries a LoRA adapter."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(unet, load_file(os.path.join(folder, "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise ValueError(f"{folder} does not match the UNet's LoRA adapter: {result.unexpected_keys[:3]} ...")
 
 
 #### Prompts, guidance, sampling ####

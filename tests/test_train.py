@@ -1,0 +1,281 @@
+"""train.py end to end on the tiny model: learning, the on-policy invariant, DDP, resume, guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rewards
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--model", "tiny", "--num-steps", "6", "--train-timesteps", "3", "--batch-size", "4",
+         "--sample-every", "0", "--lr", "1e-3", "--clip-range", "0.05"]  # fmt: skip
+
+
+def run(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    train.main(train.parse_args([*SMALL, "--out", out, *extra]))
+    return out
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def torchrun(*args, timeout=300):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_help_documents_every_flag_with_paper_defaults():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag in ["--rewards", "--clip-range", "--adv-clip", "--train-timesteps", "--lora-rank", "--resume"]:
+        assert flag in text
+    for paper in [
+        "(paper: 1e-4)",
+        "(paper: 2e-6)",
+        "(paper: 50)",
+        "(paper: 5)",
+        "(paper: 7.0)",
+        "(paper: 1.0)",
+    ]:
+        assert paper in text
+
+
+def test_brightness_reward_rises_well_beyond_its_noise(tmp_path):
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "24", "--batch-size", "16", "--lr", "1e-3")
+    means = torch.tensor([row["reward_mean"] for row in metrics(out)])
+    noise = (means[1:] - means[:-1])[:6].abs().mean()  # iteration-to-iteration noise early in training
+    gain = means[-4:].mean() - means[:4].mean()
+    assert gain > 5 * noise, (gain, noise, means)
+
+
+def test_minibatch_parity_reward_improves(tmp_path):
+    out = run(tmp_path, "--rewards", "color", "--iterations", "24", "--batch-size", "16", "--group-size", "8")
+    means = torch.tensor([row["reward_mean"] for row in metrics(out)])  # -SP, higher is more diverse
+    assert means[-4:].mean() > means[:4].mean() + 0.05, means
+
+
+def test_on_policy_at_the_first_trained_step_and_clipping_later(tmp_path):
+    out = run(
+        tmp_path, "--rewards", "brightness", "--iterations", "3", "--lr", "1e-2", "--clip-range", "1e-3"
+    )
+    for row in metrics(out):
+        assert row["approx_kl_per_step"][0] < 1e-10 and row["clipfrac_per_step"][0] == 0
+        assert row["ratio_error_first"] < 1e-5
+        assert max(row["approx_kl_per_step"][1:]) > 0 and max(row["clipfrac_per_step"][1:]) > 0
+
+
+def test_several_tasks_log_each_task_and_write_all_outputs(tmp_path):
+    out = run(tmp_path, "--rewards", "brightness,jpeg", "--iterations", "2", "--sample-every", "1")
+    rows = metrics(out)
+    assert [(r["iteration"], r["task"]) for r in rows] == [
+        (0, "brightness"),
+        (0, "jpeg"),
+        (1, "brightness"),
+        (1, "jpeg"),
+    ]
+    keys = {"iteration", "task", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "seconds",
+            "seconds_sampling", "seconds_reward", "seconds_update", "peak_memory_mb"}  # fmt: skip
+    assert all(keys <= row.keys() for row in rows)
+    for name in ["checkpoint-2", "final", "samples-00000-jpeg.png", "samples-00001-brightness.png"]:
+        assert os.path.exists(os.path.join(out, name)), name
+    assert json.load(open(os.path.join(out, "final", "args.json")))["rewards"] == "brightness,jpeg"
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run(tmp_path, "--rewards", "brightness", "--iterations", "4", name="full")
+    part = run(tmp_path, "--rewards", "brightness", "--iterations", "2", name="part")
+    train.main(train.parse_args([*SMALL, "--out", part, "--rewards", "brightness", "--iterations", "4",
+                                 "--resume", "latest"]))  # fmt: skip
+    for key, value in unet_weights(os.path.join(full, "final")).items():
+        torch.testing.assert_close(
+            unet_weights(os.path.join(part, "final"))[key], value, rtol=1e-5, atol=1e-6
+        )
+    assert [r["iteration"] for r in metrics(part)] == [0, 1, 2, 3]
+    assert [r["reward_mean"] for r in metrics(part)] == pytest.approx(
+        [r["reward_mean"] for r in metrics(full)]
+    )
+
+
+def test_checkpoints_are_complete_and_leave_no_temporary_folder(tmp_path):
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--save-every", "1")
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint-1", "checkpoint-2", "final", "metrics.jsonl"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoint-1"))) == ["args.json", "train_state.pt", "unet"]
+
+
+def test_bad_input_is_a_clear_error_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match="multiple of --group-size"):
+        run(tmp_path, "--rewards", "color", "--iterations", "1", "--batch-size", "6", "--group-size", "4")
+    with pytest.raises(ValueError, match="unknown reward 'nope'.*brightness"):
+        run(tmp_path, "--rewards", "nope", "--iterations", "1")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eta", "0"])
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(tmp_path))
+
+
+def test_non_finite_rewards_skip_the_update(tmp_path, monkeypatch):
+    def nan_task(device="cpu", prompt_file=None):
+        task = rewards.TASKS["brightness"](device=device)
+        task.reward = lambda images, prompts, metadata: (torch.full((len(prompts),), float("nan")), {})
+        return task
+
+    monkeypatch.setitem(rewards.TASKS, "nan", nan_task)
+    with pytest.warns(UserWarning, match="non-finite rewards"):
+        out = run(tmp_path, "--rewards", "nan", "--iterations", "1")
+    before = sampler_weights()
+    for key, value in unet_weights(os.path.join(out, "final")).items():
+        assert torch.equal(value, before[key]), key
+
+
+def sampler_weights():
+    import sampler
+
+    return sampler.tiny_pipeline().unet.state_dict()
+
+
+def test_pretraining_loss_step(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(data / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "a red square"}) + "\n")
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--pretrain-data", str(data))
+    rows = [row for row in metrics(out) if row["task"] == "pretrain"]
+    assert [row["iteration"] for row in rows] == [0, 1] and all(row["loss"] > 0 for row in rows)
+
+
+def test_lora_mixed_precision_and_checkpointing(tmp_path):
+    pytest.importorskip("peft")
+    import sampler
+
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--lora-rank", "4",
+              "--mixed-precision", "bf16", "--gradient-checkpointing", "--micro-batch", "2")  # fmt: skip
+    assert os.path.isdir(os.path.join(out, "final", "lora"))
+    assert all(row["skipped_steps"] == 0 for row in metrics(out))
+    tuned = sampler.load_pipeline("tiny", checkpoint=os.path.join(out, "final"))
+    base = sampler.load_pipeline("tiny")
+    seed = torch.Generator().manual_seed(0)
+    images = [
+        sampler.sample(p, ["a cat"], num_steps=4, generator=seed.manual_seed(0))["images"]
+        for p in (tuned, base)
+    ]
+    assert not torch.allclose(*images)  # the trained adapter changes what the model draws
+    train.main(train.parse_args([*SMALL, "--out", out, "--rewards", "brightness", "--iterations", "3",
+                                 "--lora-rank", "4", "--resume", "latest"]))  # fmt: skip
+    assert [row["iteration"] for row in metrics(out)] == [0, 1, 2]
+
+
+def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
+    out = str(tmp_path / "ddp")
+    torchrun(*SMALL, "--rewards", "brightness,color", "--group-size", "2", "--iterations", "2", "--out", out,
+             "--save-every", "1")  # fmt: skip
+    rows = metrics(out)
+    assert [r["task"] for r in rows] == ["brightness", "color"] * 2  # rank 0 alone writes the log
+    assert all(r["samples"] == 8 for r in rows)  # the advantages saw both ranks' 4 images
+    for name in ["checkpoint-1", "checkpoint-2", "final"]:
+        assert os.path.isdir(os.path.join(out, name))
+    # train.py compares checksums of every rank's weights before each save and records them.
+    state = torch.load(os.path.join(out, "final", "train_state.pt"), weights_only=True)
+    checksums = state["rank_checksums"]
+    assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1])
+    assert not torch.equal(unet_weights(os.path.join(out, "final"))["conv_in.weight"],
+                           sampler_weights()["conv_in.weight"])  # fmt: skip
+
+
+def test_global_advantages_use_every_rank(tmp_path):
+    script = tmp_path / "adv.py"
+    script.write_text(
+        "import torch, torch.distributed as dist, train\n"
+        "dist.init_process_group('gloo'); rank = dist.get_rank()\n"
+        "args = train.parse_args([])\n"
+        "local = torch.tensor([0.0, 1.0]) + 10 * rank  # rank 0: 0, 1; rank 1: 10, 11\n"
+        "everyone = train.all_gather(local)\n"
+        "adv = train.compute_advantages(everyone, torch.arange(4), args)[2 * rank : 2 * rank + 2]\n"
+        "expected = (everyone - everyone.mean()) / (everyone.std(correction=0) + 1e-7)\n"
+        "assert torch.allclose(adv, expected[2 * rank : 2 * rank + 2]), adv\n"
+        "assert (adv < 0).all() if rank == 0 else (adv > 0).all()  # local normalisation would give -1, 1\n"
+        "dist.destroy_process_group()\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_per_prompt_advantages():
+    args = train.parse_args(["--per-prompt-advantages"])
+    r = torch.tensor([1.0, 3.0, 10.0, 30.0, 5.0])
+    adv = train.compute_advantages(r, torch.tensor([0, 0, 1, 1, 2]), args)
+    torch.testing.assert_close(adv[:4], torch.tensor([-1.0, 1.0, -1.0, 1.0]), rtol=0, atol=1e-5)
+    batch = (r - r.mean()) / (r.std(correction=0) + 1e-7)  # a prompt seen once falls back to the batch
+    torch.testing.assert_close(adv[4], batch[4])
+    clipped = train.compute_advantages(
+        torch.tensor([0.0] * 999 + [1.0]), torch.arange(1000), train.parse_args([])
+    )
+    assert clipped.max() == 10.0  # --adv-clip
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "preempted")
+    command = [
+        sys.executable,
+        "train.py",
+        *SMALL,
+        "--rewards",
+        "brightness",
+        "--iterations",
+        "1000",
+        "--out",
+        out,
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "metrics.jsonl")) or not metrics(out):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "SIGTERM" in stdout
+    saved = [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+    assert len(saved) == 1 and not os.path.exists(os.path.join(out, "final"))
+    done = int(saved[0].split("-")[1])
+    assert done == len(metrics(out))

@@ -1,0 +1,643 @@
+"""Algorithm 1 of Zhang et al. 2024: clipped policy-gradient RL of a text-to-image diffusion model on
+several rewards jointly, with an optional pretraining loss, from one CPU process to many GPUs.
+
+    python train.py --model tiny --rewards brightness --iterations 4         # smoke run, no download
+    torchrun --standalone --nproc_per_node=8 train.py --model stabilityai/stable-diffusion-2-base \\
+        --rewards pref,skin,comp --group-size 16 --mixed-precision bf16 --gradient-checkpointing
+
+Each iteration visits every task in turn (PAPER.md section 5):
+    1. SAMPLING   this rank's prompts -> stochastic DDIM trajectories with per-step log-probs (no grad)
+    2. REWARDS    score, gather over all ranks, batch-level advantages A = (r - mean) / (std + 1e-7)
+    3. TRAINING   K random DDIM steps; for each, one optimizer step of the clipped surrogate
+then one pretraining (L_pre) step when --pretrain-data is given. Outputs in --out: metrics.jsonl,
+checkpoint-<iteration>/ and final/ (loadable by evaluate.py --checkpoint), sample grids.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+import rewards as rewards_lib
+import sampler
+
+
+@dataclass
+class Args:
+    model: str = field(
+        default="toy",
+        metadata={
+            "help": "'toy' (ships with the repo), 'tiny' (random), a hub id "
+            "or a local diffusers folder (paper: SD2 base)"
+        },
+    )
+    rewards: str = field(default="pref,skin,comp", metadata={"help": "comma list of tasks trained jointly"})
+    prompt_file: str = field(
+        default="",
+        metadata={"help": "text file of prompts, one per line, for pref and the weight-free rewards"},
+    )
+    iterations: int = field(default=1000, metadata={"help": "RL iterations (paper: about 1000)"})
+    batch_size: int = field(
+        default=16, metadata={"help": "images per rank per task per iteration (paper: 16)"}
+    )
+    group_size: int = field(
+        default=16,
+        metadata={
+            "help": "images per prompt for minibatch rewards such as skin "
+            "(paper: 16); other tasks draw one image per prompt"
+        },
+    )
+    micro_batch: int = field(
+        default=0,
+        metadata={
+            "help": "images per forward/backward in the update, gradients accumulated (0: the whole batch)"
+        },
+    )
+    num_steps: int = field(default=50, metadata={"help": "DDIM steps T (paper: 50)"})
+    eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity; must be > 0 (paper: 1.0)"})
+    guidance: float = field(default=7.0, metadata={"help": "classifier-free guidance scale (paper: 7.0)"})
+    train_timesteps: int = field(
+        default=5, metadata={"help": "DDIM steps trained per iteration, one optimizer step each (paper: 5)"}
+    )
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip epsilon (paper: 1e-4)"})
+    adv_clip: float = field(default=10.0, metadata={"help": "advantages clamped to [-c, c] (paper code: 10)"})
+    per_prompt_advantages: bool = field(
+        default=False,
+        metadata={"help": "normalise rewards per prompt (DDPO's stat tracking) instead of per batch"},
+    )
+    lr: float = field(default=2e-6, metadata={"help": "AdamW learning rate (paper: 2e-6)"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (paper: 1e-2)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    pretrain_data: str = field(
+        default="",
+        metadata={
+            "help": "folder of images + metadata.jsonl captions for L_pre (empty: no pretraining loss)"
+        },
+    )
+    pretrain_weight: float = field(
+        default=1.0, metadata={"help": "beta, the weight of L_pre (paper: not given)"}
+    )
+    pretrain_batch_size: int = field(default=16, metadata={"help": "L_pre images per rank (paper: 16)"})
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "help": "train LoRA adapters of this rank instead of the full "
+            "UNet (0: full fine-tune, as the paper; needs peft)"
+        },
+    )
+    mixed_precision: str = field(default="no", metadata={"help": "no|fp16|bf16 autocast (paper: bf16)"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of prompts, noise and trained timesteps"})
+    out: str = field(default="runs/train", metadata={"help": "output folder"})
+    resume: str = field(default="", metadata={"help": "checkpoint folder to continue from, or 'latest'"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N iterations (and at the end)"})
+    sample_every: int = field(default=10, metadata={"help": "save a PNG grid of samples every N iterations"})
+    log_with: str = field(default="none", metadata={"help": "none|tensorboard|wandb"})
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(
+                flag, type=f.type, default=f.default, help=f.metadata["help"] + " [%(default)s]"
+            )
+    args = Args(**vars(parser.parse_args(argv)))
+    if args.eta <= 0:
+        parser.error("--eta must be > 0: with eta = 0 every DDIM step is deterministic and has no log-prob")
+    if not 1 <= args.train_timesteps <= args.num_steps:
+        parser.error(f"--train-timesteps must be between 1 and --num-steps ({args.num_steps})")
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        parser.error("--mixed-precision must be one of no, fp16, bf16")
+    if args.log_with not in ("none", "tensorboard", "wandb"):
+        parser.error("--log-with must be one of none, tensorboard, wandb")
+    if args.micro_batch < 0 or (args.micro_batch and args.batch_size % args.micro_batch):
+        parser.error(
+            f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})"
+        )
+    return args
+
+
+#### Distributed helpers: every rank calls each of them, in the same order ####
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (B, ...) of every rank in rank order: (world * B, ...)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+#### Prompts: a deterministic stream, so that resuming needs only the position ####
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def draw_prompts(sequence, start: int, count: int, seed: int) -> tuple[list, list[int]]:
+    """Prompts start .. start+count-1 of an endless stream that reshuffles `sequence` every epoch.
+    Returns the (prompt, metadata) items and their indices in `sequence`."""
+    n = len(sequence)
+    items, indices = [], []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, n)
+        index = int(epoch_order(n, seed, epoch)[offset])
+        items.append(sequence[index])
+        indices.append(index)
+    return items, indices
+
+
+def rank_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the keys (seed, iteration, task, rank): exact resume."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> 1)
+
+
+#### Advantages (PAPER.md section 2) ####
+
+
+def compute_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Args) -> torch.Tensor:
+    """A = (r - mean(r)) / (std(r) + 1e-7) over the GLOBAL batch, clamped to [-adv_clip, adv_clip].
+    With --per-prompt-advantages, mean and std are those of the same prompt's rewards (where the
+    prompt has at least two samples in the batch), as DDPO's per-prompt stat tracking."""
+    mean = torch.full_like(rewards, rewards.mean().item())
+    std = torch.full_like(rewards, rewards.std(correction=0).item())
+    if args.per_prompt_advantages:
+        for p in prompt_ids.unique():
+            same = prompt_ids == p
+            if same.sum() > 1:
+                mean[same], std[same] = rewards[same].mean(), rewards[same].std(correction=0)
+    return ((rewards - mean) / (std + 1e-7)).clamp(-args.adv_clip, args.adv_clip)
+
+
+#### The pretraining loss L_pre ####
+
+
+def load_pretrain_data(folder: str) -> list[tuple[str, str]]:
+    """(image path, caption) pairs from folder/metadata.jsonl lines {"file_name": ..., "text": ...}."""
+    index = os.path.join(folder, "metadata.jsonl")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(
+            f"--pretrain-data {folder} has no metadata.jsonl; see README 'Pretraining loss'"
+        )
+    with open(index) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{index} is empty; it needs one line per image")
+    return [(os.path.join(folder, row["file_name"]), row["text"]) for row in rows]
+
+
+def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
+    """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
+    (v instead of eps for v-prediction models)."""
+    rng = np.random.default_rng(seed)
+    batch = [data[i] for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False)]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = (
+        torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(Image.open(path).convert("RGB").resize((size, size)), dtype=np.float32)
+                )
+                for path, _ in batch
+            ]
+        ).permute(0, 3, 1, 2)
+        / 127.5
+        - 1.0
+    )  # (N, 3, H, W) in [-1, 1]
+    device = pipe.unet.device
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.sample(generator)
+        latents = latents.float() * pipe.vae.config.scaling_factor
+        prompt_embeds, _ = sampler.encode_prompts(pipe, [caption for _, caption in batch])
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(
+        0, pipe.scheduler.config.num_train_timesteps, (len(batch),), generator=generator
+    )
+    timesteps = timesteps.to(device)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    is_v = pipe.scheduler.config.prediction_type == "v_prediction"
+    target = pipe.scheduler.get_velocity(latents, noise, timesteps) if is_v else noise
+    pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.float()).sample.float()
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+#### Checkpoints: atomic (temp folder + rename), exact resume ####
+
+
+def weight_checksums(parameters) -> torch.Tensor:
+    """(world, 2): sum and sum of squares of the trained weights on each rank. DDP keeps replicas
+    identical; a difference means the ranks diverged and the run must stop before saving."""
+    flat = torch.cat([p.detach().flatten().double() for p in parameters])
+    return all_gather(torch.stack([flat.sum(), (flat**2).sum()])[None]).cpu()
+
+
+def save_checkpoint(
+    path: str, unet, optimizer, scaler, iteration: int, args: Args, lora_config=None, checksums=None
+):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if lora_config is None:
+        unet.save_pretrained(os.path.join(tmp, "unet"))
+    else:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        lora_config.save_pretrained(os.path.join(tmp, "lora"))
+        save_file(get_peft_model_state_dict(unet), os.path.join(tmp, "lora", "adapter_model.safetensors"))
+    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration}
+    torch.save({**state, "rank_checksums": checksums}, os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: str) -> str:
+    names = (
+        [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
+        if os.path.isdir(out)
+        else []
+    )
+    if not names:
+        raise FileNotFoundError(f"--resume latest: no checkpoint-<iteration> folder in {out}")
+    return os.path.join(out, max(names, key=lambda n: int(n[11:])))
+
+
+def save_grid(images: torch.Tensor, path: str, columns: int = 8):
+    """images (N, 3, H, W) in [0, 1] -> one PNG."""
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(3, rows * h, columns * w)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+#### Logging ####
+
+
+def open_tracker(args: Args):
+    if args.log_with == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+        return lambda row: [
+            writer.add_scalar(f"{row['task']}/{k}", v, row["iteration"])
+            for k, v in row.items()
+            if isinstance(v, (int, float))
+        ]
+    if args.log_with == "wandb":
+        import wandb
+
+        wandb.init(project="large-scale-rl-diffusion", config=dataclasses.asdict(args), dir=args.out)
+        return lambda row: wandb.log(
+            {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
+            step=row["iteration"],
+        )
+    return lambda row: None
+
+
+def main(args: Args):
+    #### Setup: processes, devices, models ####
+    ddp = "RANK" in os.environ
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rank, world = 0, 1
+    master = rank == 0
+    torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's weights)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if args.mixed_precision != "no" else contextlib.nullcontext()
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+
+    world_name = "toy" if args.model == "toy" else "real"
+    task_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
+    tasks = [
+        rewards_lib.get_task(name, device=device, world=world_name, prompt_file=args.prompt_file or None)
+        for name in task_names
+    ]
+    prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
+    for task, prompts in zip(tasks, prompt_lists, strict=True):
+        group = args.group_size if task.minibatch else 1
+        if args.batch_size % group:
+            raise ValueError(
+                f"--batch-size ({args.batch_size}) must be a multiple of --group-size ({group}) "
+                f"for the minibatch reward {task.name!r}"
+            )
+        if len(prompts) < world:
+            raise ValueError(
+                f"task {task.name!r} has {len(prompts)} prompts for {world} ranks; give more prompts"
+            )
+
+    # Frozen text encoder and VAE in the inference dtype; the trained UNet weights in fp32.
+    pipe = sampler.load_pipeline(args.model, device=device, dtype=dtype)
+    unet = pipe.unet.to(torch.float32)
+    lora_config = None
+    if args.lora_rank > 0:
+        from peft import LoraConfig
+
+        lora_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+        unet.add_adapter(lora_config)  # only the adapters require grad
+    else:
+        unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay
+    )
+    model = (
+        torch.nn.parallel.DistributedDataParallel(
+            unet, device_ids=[device] if device.type == "cuda" else None
+        )
+        if ddp
+        else unet
+    )
+    pretrain_data = load_pretrain_data(args.pretrain_data) if args.pretrain_data else None
+
+    #### Resume: weights, optimizer, iteration; prompts and noise are functions of (seed, iteration) ####
+    start = 0
+    if args.resume:
+        path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+        state = torch.load(os.path.join(path, "train_state.pt"), map_location=device, weights_only=True)
+        if lora_config is None:
+            sampler.load_checkpoint_weights(pipe, path)
+        else:
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(
+                unet, load_file(os.path.join(path, "lora", "adapter_model.safetensors"))
+            )
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["iteration"]
+
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+        if os.path.exists(metrics_path):  # keep only the history up to the checkpoint we continue from
+            with open(metrics_path) as f:
+                kept = [line for line in f if start and json.loads(line)["iteration"] < start]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        track = open_tracker(args)
+    barrier()
+
+    stop = torch.zeros(1)  # set by SIGTERM (cluster preemption): save and exit at the end of the iteration
+    signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
+
+    def log(row: dict):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            track(row)
+
+    def save(name: str, iteration: int):
+        checksums = weight_checksums(trainable)
+        if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+            raise RuntimeError(
+                f"the ranks' weights diverged (checksums {checksums.tolist()}); not saving {name}"
+            )
+        if master:
+            path = os.path.join(args.out, name)
+            save_checkpoint(path, unet, optimizer, scaler, iteration, args, lora_config, checksums)
+        barrier()
+
+    stopping = False
+    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, disable=not master)
+    for iteration in bar:
+        for task_index, (task, prompts) in enumerate(zip(tasks, prompt_lists, strict=True)):
+            t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+
+            #### SAMPLING ####
+            group = args.group_size if task.minibatch else 1
+            per_rank = args.batch_size // group  # prompts per rank
+            first = (iteration * world + rank) * per_rank  # this rank's place in the endless prompt stream
+            items, indices = draw_prompts(prompts, first, per_rank, args.seed + task_index)
+            batch_prompts = [prompt for prompt, _ in items for _ in range(group)]
+            metadata = [
+                {**meta, "group": first + i} for i, (_, meta) in enumerate(items) for _ in range(group)
+            ]
+            prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
+            generator = torch.Generator().manual_seed(rank_seed(args.seed, iteration, task_index, rank))
+            unet.eval()
+            with autocast:
+                traj = sampler.sample(pipe, batch_prompts, args.num_steps, args.guidance, args.eta, generator)
+            latents = traj["latents"]  # (B, T+1, C, h, w)
+            old_log_probs = traj["log_probs"]  # (B, T)
+            t1 = time.time()
+
+            #### REWARDS ####
+            rewards, info = task.reward(traj["images"], batch_prompts, metadata)  # (B,)
+            global_rewards = all_gather(rewards.float().to(device)).cpu()  # (world * B,)
+            global_prompt_ids = all_gather(prompt_ids.to(device)).cpu()
+            if not torch.isfinite(global_rewards).all():
+                warnings.warn(
+                    f"iteration {iteration} {task.name}: non-finite rewards, update skipped", stacklevel=1
+                )
+                continue  # every rank sees the same gathered rewards, so every rank skips together
+            advantages = compute_advantages(global_rewards, global_prompt_ids, args)
+            advantages = advantages[rank * args.batch_size : (rank + 1) * args.batch_size].to(device)  # (B,)
+            t2 = time.time()
+
+            #### TRAINING: one optimizer step per drawn DDIM step (PAPER.md section 2) ####
+            unet.train()
+            step_order = np.random.default_rng([args.seed, iteration, task_index])
+            trained = step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
+            micro = args.micro_batch or args.batch_size
+            stats = []  # per trained step: loss, approx_kl, clipfrac, max |ratio - 1|, skipped
+            for j in trained:
+                optimizer.zero_grad(set_to_none=True)
+                step_stats = torch.zeros(4)
+                for m in range(0, args.batch_size, micro):
+                    rows = slice(m, m + micro)
+                    sync = m + micro >= args.batch_size or not ddp
+                    with contextlib.nullcontext() if sync else model.no_sync(), autocast:
+                        log_prob = sampler.step_log_prob(
+                            model,
+                            pipe.scheduler,
+                            latents[rows, j],
+                            latents[rows, j + 1],
+                            traj["timesteps"][j],
+                            traj["prompt_embeds"][rows],
+                            traj["negative_prompt_embeds"][rows],
+                            args.guidance,
+                            args.eta,
+                        )
+                    # Eq. 4: w_t = p_theta / p_theta_old; J = min(w A, clip(w, 1 - eps, 1 + eps) A)
+                    ratio = torch.exp(log_prob - old_log_probs[rows, j])
+                    pg_loss1 = -advantages[rows] * ratio
+                    pg_loss2 = -advantages[rows] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
+                    loss = torch.maximum(pg_loss1, pg_loss2).mean()
+                    scaler.scale(loss * (ratio.numel() / args.batch_size)).backward()
+                    with torch.no_grad():
+                        log_ratio = log_prob - old_log_probs[rows, j]
+                        share = ratio.numel() / args.batch_size
+                        step_stats += share * torch.stack(
+                            [
+                                loss.detach().cpu(),
+                                0.5 * (log_ratio**2).mean().cpu(),  # approx_kl, as DDPO
+                                ((ratio - 1).abs() > args.clip_range).float().mean().cpu(),  # clipfrac
+                                torch.zeros(()),
+                            ]
+                        )
+                        step_stats[3] = max(step_stats[3], (ratio - 1).abs().max().item())
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                # DDP averaged the gradients, so every rank sees the same norm and skips together.
+                skipped = not torch.isfinite(grad_norm)
+                if skipped:
+                    warnings.warn(
+                        f"iteration {iteration} {task.name}: non-finite gradient, step skipped", stacklevel=1
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.update()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+                stats.append(torch.cat([step_stats, torch.tensor([float(skipped)])]))
+            stats = all_mean(torch.stack(stats).to(device)).cpu()  # (K, 5), averaged over ranks
+            if stats[0, 3] > 1e-3:
+                warnings.warn(
+                    f"the policy ratio before the first update is off by {stats[0, 3]:.2e}: sampling "
+                    "and training disagree (eta, guidance, scheduler or precision)",
+                    stacklevel=1,
+                )
+            t3 = time.time()
+
+            if device.type == "cuda":
+                peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+            else:
+                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+            row = {
+                "iteration": iteration,
+                "task": task.name,
+                "reward_mean": global_rewards.mean().item(),
+                "reward_std": global_rewards.std(correction=0).item(),
+                "samples": len(global_rewards),
+                "loss": stats[:, 0].mean().item(),
+                "approx_kl": stats[:, 1].mean().item(),
+                "clipfrac": stats[:, 2].mean().item(),
+                "approx_kl_per_step": stats[:, 1].tolist(),
+                "clipfrac_per_step": stats[:, 2].tolist(),
+                "ratio_error_first": stats[0, 3].item(),
+                "skipped_steps": int(stats[:, 4].sum().item()),
+                "seconds": t3 - t0,
+                "seconds_sampling": t1 - t0,
+                "seconds_reward": t2 - t1,
+                "seconds_update": t3 - t2,
+                "peak_memory_mb": peak_mb,
+                **{f"reward_{k}": v for k, v in info.items()},
+            }
+            log(row)
+            if master and args.sample_every and iteration % args.sample_every == 0:
+                save_grid(
+                    traj["images"][:16], os.path.join(args.out, f"samples-{iteration:05d}-{task.name}.png")
+                )
+            bar.set_postfix({task.name: f"{row['reward_mean']:.3f}"})
+
+        #### PRETRAINING LOSS (L_pre), one step after the RL steps (Algorithm 1) ####
+        if pretrain_data is not None:
+            t0 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                seed = rank_seed(args.seed, iteration, len(tasks), rank)
+                loss = pretrain_loss(pipe, model, pretrain_data, args.pretrain_batch_size, seed)
+            scaler.scale(args.pretrain_weight * loss).backward()
+            scaler.unscale_(optimizer)
+            if torch.isfinite(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)):
+                scaler.step(optimizer)
+            scaler.update()
+            log(
+                {
+                    "iteration": iteration,
+                    "task": "pretrain",
+                    "loss": all_mean(loss.detach()).item(),
+                    "seconds": time.time() - t0,
+                }
+            )
+
+        #### CHECKPOINT: every rank checks the replicas agree, rank 0 writes, everyone waits ####
+        done = iteration + 1
+        stopping = all_mean(stop.to(device)).item() > 0  # every rank agrees, so nobody hangs
+        if done % args.save_every == 0 or done == args.iterations or stopping:
+            save(f"checkpoint-{done}", done)
+        if stopping:
+            if master:
+                print(f"SIGTERM: saved checkpoint-{done}; continue with --resume latest")
+            break
+
+    if not stopping:
+        save("final", args.iterations)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
