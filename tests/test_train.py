@@ -77,9 +77,11 @@ def test_brightness_reward_rises_well_beyond_its_noise(tmp_path):
 
 
 def test_minibatch_parity_reward_improves(tmp_path):
-    out = run(tmp_path, "--rewards", "color", "--iterations", "24", "--batch-size", "16", "--group-size", "8")
+    # 8 groups of 4 images per iteration; the reward of a group is -SP of its hue buckets
+    out = run(tmp_path, "--rewards", "color", "--iterations", "40", "--batch-size", "32", "--group-size", "4",
+              "--lr", "1e-4", "--clip-range", "0.01")  # fmt: skip
     means = torch.tensor([row["reward_mean"] for row in metrics(out)])  # -SP, higher is more diverse
-    assert means[-4:].mean() > means[:4].mean() + 0.05, means
+    assert means[-8:].mean() > means[:8].mean() + 0.1, means
 
 
 def test_on_policy_at_the_first_trained_step_and_clipping_later(tmp_path):
