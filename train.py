@@ -424,12 +424,7 @@ def main(args: Args):
         if lora_config is None:
             sampler.load_checkpoint_weights(pipe, path)
         else:
-            from peft.utils import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(
-                unet, load_file(os.path.join(path, "lora", "adapter_model.safetensors"))
-            )
+            sampler.load_lora_weights(unet, os.path.join(path, "lora"))
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start = state["iteration"]
@@ -449,6 +444,10 @@ def main(args: Args):
 
     stop = torch.zeros(1)  # set by SIGTERM (cluster preemption): save and exit at the end of the iteration
     signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
+
+    def warn(message: str):
+        if master:  # every rank hits the same guards; one message is enough
+            warnings.warn(message, stacklevel=2)
 
     def log(row: dict):
         if master:
@@ -486,7 +485,6 @@ def main(args: Args):
             ]
             prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
             generator = torch.Generator().manual_seed(rank_seed(args.seed, iteration, task_index, rank))
-            unet.eval()
             with autocast:
                 traj = sampler.sample(pipe, batch_prompts, args.num_steps, args.guidance, args.eta, generator)
             latents = traj["latents"]  # (B, T+1, C, h, w)
@@ -498,23 +496,22 @@ def main(args: Args):
             global_rewards = all_gather(rewards.float().to(device)).cpu()  # (world * B,)
             global_prompt_ids = all_gather(prompt_ids.to(device)).cpu()
             if not torch.isfinite(global_rewards).all():
-                warnings.warn(
-                    f"iteration {iteration} {task.name}: non-finite rewards, update skipped", stacklevel=1
-                )
+                warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
                 continue  # every rank sees the same gathered rewards, so every rank skips together
             advantages = compute_advantages(global_rewards, global_prompt_ids, args)
             advantages = advantages[rank * args.batch_size : (rank + 1) * args.batch_size].to(device)  # (B,)
             t2 = time.time()
 
             #### TRAINING: one optimizer step per drawn DDIM step (PAPER.md section 2) ####
-            unet.train()
+            # The UNet stays in eval mode (it has no dropout): sampling and training compute the same
+            # function, so w = 1 exactly at the first trained step.
             step_order = np.random.default_rng([args.seed, iteration, task_index])
             trained = step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
             micro = args.micro_batch or args.batch_size
             stats = []  # per trained step: loss, approx_kl, clipfrac, max |ratio - 1|, skipped
             for j in trained:
                 optimizer.zero_grad(set_to_none=True)
-                step_stats = torch.zeros(4)
+                step_stats = torch.zeros(4, device=device)
                 for m in range(0, args.batch_size, micro):
                     rows = slice(m, m + micro)
                     sync = m + micro >= args.batch_size or not ddp
@@ -531,43 +528,38 @@ def main(args: Args):
                             args.eta,
                         )
                     # Eq. 4: w_t = p_theta / p_theta_old; J = min(w A, clip(w, 1 - eps, 1 + eps) A)
-                    ratio = torch.exp(log_prob - old_log_probs[rows, j])
+                    log_ratio = log_prob - old_log_probs[rows, j]
+                    ratio = torch.exp(log_ratio)
                     pg_loss1 = -advantages[rows] * ratio
                     pg_loss2 = -advantages[rows] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
                     loss = torch.maximum(pg_loss1, pg_loss2).mean()
-                    scaler.scale(loss * (ratio.numel() / args.batch_size)).backward()
-                    with torch.no_grad():
-                        log_ratio = log_prob - old_log_probs[rows, j]
-                        share = ratio.numel() / args.batch_size
-                        step_stats += share * torch.stack(
-                            [
-                                loss.detach().cpu(),
-                                0.5 * (log_ratio**2).mean().cpu(),  # approx_kl, as DDPO
-                                ((ratio - 1).abs() > args.clip_range).float().mean().cpu(),  # clipfrac
-                                torch.zeros(()),
-                            ]
-                        )
-                        step_stats[3] = max(step_stats[3], (ratio - 1).abs().max().item())
+                    share = len(ratio) / args.batch_size  # this micro-batch's part of the batch mean
+                    scaler.scale(loss * share).backward()
+                    ratio, log_ratio = ratio.detach(), log_ratio.detach()
+                    step_stats += share * torch.stack([
+                        loss.detach(),
+                        0.5 * (log_ratio**2).mean(),  # approx_kl, as DDPO
+                        ((ratio - 1).abs() > args.clip_range).float().mean(),  # clipfrac
+                        torch.zeros((), device=device),
+                    ])  # fmt: skip
+                    step_stats[3] = torch.maximum(step_stats[3], (ratio - 1).abs().max())
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
                 # DDP averaged the gradients, so every rank sees the same norm and skips together.
                 skipped = not torch.isfinite(grad_norm)
                 if skipped:
-                    warnings.warn(
-                        f"iteration {iteration} {task.name}: non-finite gradient, step skipped", stacklevel=1
-                    )
+                    warn(f"iteration {iteration} {task.name}: non-finite gradient, step skipped")
                     optimizer.zero_grad(set_to_none=True)
                     scaler.update()
                 else:
                     scaler.step(optimizer)
                     scaler.update()
-                stats.append(torch.cat([step_stats, torch.tensor([float(skipped)])]))
-            stats = all_mean(torch.stack(stats).to(device)).cpu()  # (K, 5), averaged over ranks
+                stats.append(torch.cat([step_stats, torch.tensor([float(skipped)], device=device)]))
+            stats = all_mean(torch.stack(stats)).cpu()  # (K, 5), averaged over ranks
             if stats[0, 3] > 1e-3:
-                warnings.warn(
+                warn(
                     f"the policy ratio before the first update is off by {stats[0, 3]:.2e}: sampling "
-                    "and training disagree (eta, guidance, scheduler or precision)",
-                    stacklevel=1,
+                    "and training disagree (eta, guidance, scheduler or precision)"
                 )
             t3 = time.time()
 
