@@ -18,7 +18,7 @@ pairs held out as "unseen").
 The toy model is a Stable Diffusion pipeline in miniature (CLIP tokenizer and text encoder, UNet, KL
 autoencoder, DDIM scheduler) so sampler.py and train.py run on it unchanged. Commands:
 
-    python toyworld.py pretrain --out data/toy-model --seed 0    # the committed weights, see README
+    python toyworld.py pretrain --out data/toy-model --seed 0    # the committed weights: ~25 min, 1 CPU core
     python toyworld.py export --out data/toy-pretrain --n 2000    # PNGs + metadata.jsonl for --pretrain-data
     python toyworld.py report --model data/toy-model --out runs/toy-report   # base-model numbers + grid
 """
@@ -702,10 +702,10 @@ def main() -> None:
     report_parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder")
     report_parser.add_argument("--out", default="runs/toy-report")
     report_parser.add_argument("--num-steps", type=int, default=20)
-    report_parser.add_argument("--guidance", type=float, default=5.0)
+    report_parser.add_argument("--guidance", type=float, default=7.0)
     report_parser.add_argument("--eta", type=float, default=1.0)
     report_parser.add_argument("--seed", type=int, default=0)
-    report_parser.add_argument("--threads", type=int, default=2)
+    report_parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.command == "pretrain":
         pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
