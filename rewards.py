@@ -616,11 +616,13 @@ TASKS: dict[str, Callable[..., Task]] = {
 def get_task(
     name: str, device: str | torch.device = "cpu", world: str = "real", prompt_file: str | None = None
 ):
-    """Build the task `name`; world="toy" gives the toy world's versions of pref, skin and comp."""
+    """Build the task `name`; world="toy" gives the toy world's versions of pref, skin and comp (the
+    weight-free rewards stay available there too)."""
     if world == "toy":
         import toyworld
 
-        return toyworld.get_task(name, device)
+        if name in toyworld.TASKS:
+            return toyworld.get_task(name, device)
     if name not in TASKS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(TASKS))}")
     return TASKS[name](device=device, prompt_file=prompt_file)

@@ -375,16 +375,18 @@ def comp_reward(images, prompts, metadata):
     return reward, {"all_detected": (reward > 0.5).float().mean().item()}
 
 
+TASKS = {  # name -> (prompt source, splits, reward)
+    "pref": (pref_prompts, ("train", "test"), pref_reward),
+    "skin": (skin_prompts, ("train", "occupations"), skin_reward),
+    "comp": (comp_prompts, ("train", "seen", "unseen"), comp_reward),
+}
+
+
 def get_task(name: str, device: str | torch.device = "cpu") -> rewards.Task:
     """The toy world's version of a paper task; the detectors run on `device`."""
-    tasks = {
-        "pref": (pref_prompts, ("train", "test"), pref_reward),
-        "skin": (skin_prompts, ("train", "occupations"), skin_reward),
-        "comp": (comp_prompts, ("train", "seen", "unseen"), comp_reward),
-    }
-    if name not in tasks:
-        raise ValueError(f"unknown toy task {name!r}; known: {', '.join(tasks)}")
-    prompts, splits, reward = tasks[name]
+    if name not in TASKS:
+        raise ValueError(f"unknown toy task {name!r}; known: {', '.join(TASKS)}")
+    prompts, splits, reward = TASKS[name]
 
     def reward_on_device(images, prompts, metadata):
         return reward(images.to(device), prompts, metadata)

@@ -138,3 +138,9 @@ def test_toy_model_loads_offline_and_samples():
     images = out["images"]
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     assert images.std() > 0.05  # a scene, not a flat image
+
+
+def test_toy_world_keeps_the_weight_free_rewards_and_rejects_unknown_names():
+    assert rewards.get_task("brightness", world="toy").name == "brightness"
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        rewards.get_task("nope", world="toy")
