@@ -103,6 +103,12 @@ class Args:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the UNet (minutes of compilation first; bench.py: 0.77x forward on CPU)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of prompts, noise and trained timesteps"})
     out: str = field(default="runs/train", metadata={"help": "output folder"})
     resume: str = field(default="", metadata={"help": "checkpoint folder to continue from, or 'latest'"})
@@ -266,8 +272,11 @@ def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
 def weight_checksums(parameters) -> torch.Tensor:
     """(world, 2): sum and sum of squares of the trained weights on each rank. DDP keeps replicas
     identical; a difference means the ranks diverged and the run must stop before saving."""
-    flat = torch.cat([p.detach().flatten().double() for p in parameters])
-    return all_gather(torch.stack([flat.sum(), (flat**2).sum()])[None]).cpu()
+    # One parameter at a time: a float64 copy of all weights at once would double a large model's memory.
+    sums = sum(
+        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in parameters
+    )
+    return all_gather(sums[None]).cpu()
 
 
 def save_checkpoint(
@@ -403,9 +412,12 @@ def main(args: Args):
         unet.requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.compile:
+        unet.compile()  # in place: the module, its parameter names and checkpoints stay as they are
     trainable = [p for p in unet.parameters() if p.requires_grad]
+    # fused: one kernel for all parameters instead of a loop of small ops (4x faster step on CPU, bench.py)
     optimizer = torch.optim.AdamW(
-        trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay
+        trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True
     )
     model = (
         torch.nn.parallel.DistributedDataParallel(
