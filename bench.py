@@ -11,7 +11,6 @@ min / median / max over --repeats rounds, because on a shared machine identical 
 within minutes. Training is timed by running train.main itself, so the numbers are those of our code.
 """
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -100,17 +99,7 @@ class BenchArgs:
 
 
 def parse_args(argv=None) -> BenchArgs:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(BenchArgs):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(
-                flag, type=f.type, default=f.default, help=f.metadata["help"] + " [%(default)s]"
-            )
+    parser = train.build_parser(BenchArgs, __doc__)
     args = BenchArgs(**vars(parser.parse_args(argv)))
     if not args.reward:
         args.reward = "pref" if args.model == "toy" else "brightness"

@@ -171,20 +171,24 @@ def tiny_pipeline() -> StableDiffusionPipeline:
         norm_num_groups=8,
         sample_size=32,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def stable_diffusion_scheduler(**overrides) -> DDIMScheduler:
+    """DDIM with Stable Diffusion's noise schedule and settings (scaled_linear betas 0.00085 .. 0.012)."""
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return DDIMScheduler(**{**config, **overrides})
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from components built in code (no safety checker)."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=scheduler or stable_diffusion_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -479,25 +478,7 @@ def build_pipeline(seed: int) -> StableDiffusionPipeline:
         sample_size=IMAGE_SIZE,
         mid_block_add_attention=False,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sampler.assemble_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 #### Pretraining: the autoencoder first, then UNet and text encoder together ####

@@ -117,11 +117,12 @@ class Args:
     log_with: str = field(default="none", metadata={"help": "none|tensorboard|wandb"})
 
 
-def parse_args(argv=None) -> Args:
+def build_parser(config, description: str) -> argparse.ArgumentParser:
+    """One --dashed-flag per field of the config dataclass, with its help string and default."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for f in dataclasses.fields(Args):
+    for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
@@ -129,6 +130,11 @@ def parse_args(argv=None) -> Args:
             parser.add_argument(
                 flag, type=f.type, default=f.default, help=f.metadata["help"] + " [%(default)s]"
             )
+    return parser
+
+
+def parse_args(argv=None) -> Args:
+    parser = build_parser(Args, __doc__)
     args = Args(**vars(parser.parse_args(argv)))
     if args.eta <= 0:
         parser.error("--eta must be > 0: with eta = 0 every DDIM step is deterministic and has no log-prob")

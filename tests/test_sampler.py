@@ -14,16 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_scheduler(prediction_type="epsilon", num_steps=10, **overrides):
-    config = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    scheduler = DDIMScheduler(**{**config, **overrides})
+    scheduler = sampler.stable_diffusion_scheduler(prediction_type=prediction_type, **overrides)
     scheduler.set_timesteps(num_steps)
     return scheduler
 
