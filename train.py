@@ -36,85 +36,54 @@ import rewards as rewards_lib
 import sampler
 
 
+def option(default, help: str):
+    """A config field: its default and the --help text (with the paper's value where it has one)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Args:
-    model: str = field(
-        default="toy",
-        metadata={
-            "help": "'toy' (ships with the repo), 'tiny' (random), a hub id "
-            "or a local diffusers folder (paper: SD2 base)"
-        },
+    model: str = option("toy", "'toy' (ships with the repo), 'tiny' (random), a hub id or a diffusers folder "
+                               "(paper: SD2 base)")  # fmt: skip
+    rewards: str = option("pref,skin,comp", "comma list of tasks trained jointly")
+    prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
+    iterations: int = option(1000, "RL iterations (paper: about 1000)")
+    batch_size: int = option(16, "images per rank per task per iteration (paper: 16)")
+    group_size: int = option(16, "images per prompt for minibatch rewards such as skin (paper: 16); "
+                                 "other tasks draw one image per prompt")  # fmt: skip
+    micro_batch: int = option(
+        0, "images per forward/backward in the update, gradients accumulated (0: the whole batch)"
     )
-    rewards: str = field(default="pref,skin,comp", metadata={"help": "comma list of tasks trained jointly"})
-    prompt_file: str = field(
-        default="",
-        metadata={"help": "text file of prompts, one per line, for pref and the weight-free rewards"},
+    num_steps: int = option(50, "DDIM steps T (paper: 50)")
+    eta: float = option(1.0, "DDIM stochasticity; must be > 0 (paper: 1.0)")
+    guidance: float = option(7.0, "classifier-free guidance scale (paper: 7.0)")
+    train_timesteps: int = option(5, "DDIM steps trained per iteration, one optimizer step each (paper: 5)")
+    clip_range: float = option(1e-4, "PPO clip epsilon (paper: 1e-4)")
+    adv_clip: float = option(10.0, "advantages clamped to [-c, c] (paper code: 10)")
+    per_prompt_advantages: bool = option(
+        False, "normalise rewards per prompt (DDPO's stat tracking) instead of per batch"
     )
-    iterations: int = field(default=1000, metadata={"help": "RL iterations (paper: about 1000)"})
-    batch_size: int = field(
-        default=16, metadata={"help": "images per rank per task per iteration (paper: 16)"}
+    lr: float = option(2e-6, "AdamW learning rate (paper: 2e-6)")
+    weight_decay: float = option(1e-2, "AdamW weight decay (paper: 1e-2)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    pretrain_data: str = option(
+        "", "folder of images + metadata.jsonl captions for L_pre (empty: no pretraining loss)"
     )
-    group_size: int = field(
-        default=16,
-        metadata={
-            "help": "images per prompt for minibatch rewards such as skin "
-            "(paper: 16); other tasks draw one image per prompt"
-        },
+    pretrain_weight: float = option(1.0, "beta, the weight of L_pre (paper: not given)")
+    pretrain_batch_size: int = option(16, "L_pre images per rank (paper: 16)")
+    lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
+                               "(0: full fine-tune, as the paper; needs peft)")  # fmt: skip
+    mixed_precision: str = option("no", "no|fp16|bf16 autocast (paper: bf16)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward")
+    compile: bool = option(
+        False, "torch.compile the UNet (minutes of compilation first; bench.py: 0.77x forward on CPU)"
     )
-    micro_batch: int = field(
-        default=0,
-        metadata={
-            "help": "images per forward/backward in the update, gradients accumulated (0: the whole batch)"
-        },
-    )
-    num_steps: int = field(default=50, metadata={"help": "DDIM steps T (paper: 50)"})
-    eta: float = field(default=1.0, metadata={"help": "DDIM stochasticity; must be > 0 (paper: 1.0)"})
-    guidance: float = field(default=7.0, metadata={"help": "classifier-free guidance scale (paper: 7.0)"})
-    train_timesteps: int = field(
-        default=5, metadata={"help": "DDIM steps trained per iteration, one optimizer step each (paper: 5)"}
-    )
-    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip epsilon (paper: 1e-4)"})
-    adv_clip: float = field(default=10.0, metadata={"help": "advantages clamped to [-c, c] (paper code: 10)"})
-    per_prompt_advantages: bool = field(
-        default=False,
-        metadata={"help": "normalise rewards per prompt (DDPO's stat tracking) instead of per batch"},
-    )
-    lr: float = field(default=2e-6, metadata={"help": "AdamW learning rate (paper: 2e-6)"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (paper: 1e-2)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    pretrain_data: str = field(
-        default="",
-        metadata={
-            "help": "folder of images + metadata.jsonl captions for L_pre (empty: no pretraining loss)"
-        },
-    )
-    pretrain_weight: float = field(
-        default=1.0, metadata={"help": "beta, the weight of L_pre (paper: not given)"}
-    )
-    pretrain_batch_size: int = field(default=16, metadata={"help": "L_pre images per rank (paper: 16)"})
-    lora_rank: int = field(
-        default=0,
-        metadata={
-            "help": "train LoRA adapters of this rank instead of the full "
-            "UNet (0: full fine-tune, as the paper; needs peft)"
-        },
-    )
-    mixed_precision: str = field(default="no", metadata={"help": "no|fp16|bf16 autocast (paper: bf16)"})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in backward"}
-    )
-    compile: bool = field(
-        default=False,
-        metadata={
-            "help": "torch.compile the UNet (minutes of compilation first; bench.py: 0.77x forward on CPU)"
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "seed of prompts, noise and trained timesteps"})
-    out: str = field(default="runs/train", metadata={"help": "output folder"})
-    resume: str = field(default="", metadata={"help": "checkpoint folder to continue from, or 'latest'"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N iterations (and at the end)"})
-    sample_every: int = field(default=10, metadata={"help": "save a PNG grid of samples every N iterations"})
-    log_with: str = field(default="none", metadata={"help": "none|tensorboard|wandb"})
+    seed: int = option(0, "seed of prompts, noise and trained timesteps")
+    out: str = option("runs/train", "output folder")
+    resume: str = option("", "checkpoint folder to continue from, or 'latest'")
+    save_every: int = option(50, "checkpoint every N iterations (and at the end)")
+    sample_every: int = option(10, "save a PNG grid of samples every N iterations")
+    log_with: str = option("none", "none|tensorboard|wandb")
 
 
 def build_parser(config, description: str) -> argparse.ArgumentParser:
