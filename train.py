@@ -49,8 +49,9 @@ class Args:
     prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
     iterations: int = option(1000, "RL iterations (paper: about 1000)")
     batch_size: int = option(16, "images per rank per task per iteration (paper: 16)")
-    group_size: int = option(16, "images per prompt for minibatch rewards such as skin (paper: 16); "
-                                 "other tasks draw one image per prompt")  # fmt: skip
+    group_size: int = option(16, "images per prompt for minibatch rewards such as skin (paper: 16)")
+    images_per_prompt: int = option(1, "images per prompt for the other rewards (paper: 1); above 1 with "
+                                       "--per-prompt-advantages: a baseline per prompt")  # fmt: skip
     micro_batch: int = option(
         0, "images per forward/backward in the update, gradients accumulated (0: the whole batch)"
     )
@@ -169,6 +170,11 @@ def draw_prompts(sequence, start: int, count: int, seed: int) -> tuple[list, lis
 def rank_seed(*keys: int) -> int:
     """A 63-bit seed that is a pure function of the keys (seed, iteration, task, rank): exact resume."""
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> 1)
+
+
+def group_size(task, args: Args) -> int:
+    """Images per prompt: a group stays on one rank, so a minibatch reward sees all of it."""
+    return args.group_size if task.minibatch else args.images_per_prompt
 
 
 #### Advantages (PAPER.md section 2) ####
@@ -358,11 +364,11 @@ def main(args: Args):
     ]
     prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
     for task, prompts in zip(tasks, prompt_lists, strict=True):
-        group = args.group_size if task.minibatch else 1
+        group = group_size(task, args)
         if args.batch_size % group:
             raise ValueError(
-                f"--batch-size ({args.batch_size}) must be a multiple of --group-size ({group}) "
-                f"for the minibatch reward {task.name!r}"
+                f"--batch-size ({args.batch_size}) must be a multiple of the images per prompt ({group}, "
+                f"--group-size for minibatch rewards, --images-per-prompt for others) for {task.name!r}"
             )
         if len(prompts) < world:
             raise ValueError(
@@ -462,7 +468,7 @@ def main(args: Args):
                 torch.cuda.reset_peak_memory_stats(device)
 
             #### SAMPLING ####
-            group = args.group_size if task.minibatch else 1
+            group = group_size(task, args)
             per_rank = args.batch_size // group  # prompts per rank
             first = (iteration * world + rank) * per_rank  # this rank's place in the endless prompt stream
             items, indices = draw_prompts(prompts, first, per_rank, args.seed + task_index)

@@ -133,8 +133,20 @@ def test_checkpoints_are_complete_and_leave_no_temporary_folder(tmp_path):
 
 
 def test_bad_input_is_a_clear_error_at_start_up(tmp_path):
-    with pytest.raises(ValueError, match="multiple of --group-size"):
+    with pytest.raises(ValueError, match="multiple of the images per prompt"):
         run(tmp_path, "--rewards", "color", "--iterations", "1", "--batch-size", "6", "--group-size", "4")
+    with pytest.raises(ValueError, match="multiple of the images per prompt"):
+        run(
+            tmp_path,
+            "--rewards",
+            "jpeg",
+            "--iterations",
+            "1",
+            "--batch-size",
+            "6",
+            "--images-per-prompt",
+            "4",
+        )
     with pytest.raises(ValueError, match="unknown reward 'nope'.*brightness"):
         run(tmp_path, "--rewards", "nope", "--iterations", "1")
     with pytest.raises(SystemExit):
@@ -253,6 +265,17 @@ def test_per_prompt_advantages():
         torch.tensor([0.0] * 999 + [1.0]), torch.arange(1000), train.parse_args([])
     )
     assert clipped.max() == 10.0  # --adv-clip
+
+
+def test_images_per_prompt_give_per_prompt_baselines(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        train, "compute_advantages", lambda r, ids, args: seen.append(ids) or torch.zeros_like(r)
+    )
+    run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--batch-size", "4",
+        "--images-per-prompt", "2", "--per-prompt-advantages")  # fmt: skip
+    ids = seen[0]
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2]  # two prompts, two images each
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
