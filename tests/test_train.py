@@ -34,15 +34,11 @@ def unet_weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 def torchrun(*args, timeout=300):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-    ]
+    command = [*TORCHRUN, "train.py"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
@@ -241,14 +237,7 @@ def test_global_advantages_use_every_rank(tmp_path):
         "assert (adv < 0).all() if rank == 0 else (adv > 0).all()  # local normalisation would give -1, 1\n"
         "dist.destroy_process_group()\n"
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-    ]
+    command = [*TORCHRUN, str(script)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
