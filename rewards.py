@@ -72,8 +72,11 @@ def statistical_parity(buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
 
 def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Reward -SP of its group for every image; images with bucket -1 (no person) are left out of the
-    statistic but still get their group's reward. A group with no valid image gets 0 (nothing to measure)."""
-    rewards = torch.zeros(len(buckets))
+    statistic but still get their group's reward. A group with no valid image gets the worst parity,
+    1 - 1/|A| (as if all in one bucket): with 0 there, RL learns to stop drawing people (seen in the toy
+    world, README)."""
+    worst = 1.0 - 1.0 / num_buckets
+    rewards = torch.full((len(buckets),), -worst)
     for g in groups.unique():
         in_group = groups == g
         valid = buckets[in_group & (buckets >= 0)]
@@ -83,16 +86,13 @@ def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_bucket
 
 
 def parity_reward(buckets: torch.Tensor, metadata: list[dict], num_buckets: int):
-    """-SP per group (paper section 4), with the mean SP over measured groups and the valid-image share."""
+    """-SP per group (paper section 4), with the mean SP over groups and the valid-image share."""
     if any("group" not in m for m in metadata):
         raise ValueError("a parity reward needs metadata[i]['group'], the id of the images of one prompt")
     groups = torch.tensor([m["group"] for m in metadata])
     rewards = group_parity_rewards(buckets, groups, num_buckets)
-    measured = [g for g in groups.unique() if (buckets[groups == g] >= 0).any()]
-    info = {"valid_rate": (buckets >= 0).float().mean().item()}
-    if measured:  # mean SP over the groups with at least one valid image
-        info["sp"] = float(np.mean([-rewards[groups == g][0].item() for g in measured]))
-    return rewards, info
+    sp = [-rewards[groups == g][0].item() for g in groups.unique()]
+    return rewards, {"sp": float(np.mean(sp)), "valid_rate": (buckets >= 0).float().mean().item()}
 
 
 #### Image helpers ####

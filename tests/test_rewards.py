@@ -89,7 +89,7 @@ def test_group_reward_unequal_groups_and_no_person():
     assert r[4:7].tolist() == pytest.approx(
         [-0.75] * 3
     )  # both persons in bucket 1; the no-person image shares it
-    assert r[7:9].tolist() == [0.0, 0.0]  # nobody to measure
+    assert r[7:9].tolist() == pytest.approx([-0.75, -0.75])  # nobody shown: the worst parity, never a prize
     assert r[9:].tolist() == pytest.approx([-0.75] * 2)  # one valid image
 
 
@@ -98,7 +98,7 @@ def test_parity_reward_info_and_missing_group():
     assert r.tolist() == pytest.approx([-0.75, -0.75, -0.75, -0.75])
     assert info == pytest.approx({"sp": 0.75, "valid_rate": 0.75})
     _, info = rewards.parity_reward(torch.tensor([-1, -1]), groups(0, 0), 4)
-    assert "sp" not in info
+    assert info == pytest.approx({"sp": 0.75, "valid_rate": 0.0})
     with pytest.raises(ValueError, match="group"):
         rewards.parity_reward(torch.tensor([0]), [{}], 4)
 
