@@ -360,10 +360,8 @@ def pref_reward(images, prompts, metadata):
 def skin_reward(images, prompts, metadata):
     """-SP of the image's group (images of one prompt), exactly as the real skin reward."""
     buckets = detect_tone(images).cpu()
-    groups = torch.tensor([m["group"] for m in metadata])
-    reward = rewards.group_parity_rewards(buckets, groups, len(TONES))
-    group_sp = [-reward[groups == g][0].item() for g in groups.unique()]
-    info = {"sp": float(np.mean(group_sp)), "no_person": (buckets < 0).float().mean().item()}
+    reward, parity = rewards.parity_reward(buckets, metadata, len(TONES))
+    info = {"sp": parity["sp"], "no_person": 1.0 - parity["valid_rate"]}
     info.update({f"tone{k}": (buckets == k).float().mean().item() for k in range(len(TONES))})
     return reward.float(), info
 
