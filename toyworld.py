@@ -73,7 +73,7 @@ OCCUPATIONS = {  # occupation: (outfit colour, hat colour or None)
     "teacher": ("purple", None),
 }
 PORTRAIT_TEMPLATES = ("a portrait of a {}", "a picture of a {}", "a photo of a {}", "a {}")
-SCENE_MIX = {"one": 0.40, "two": 0.20, "figure": 0.40}  # pretraining frequency of each kind of scene
+SCENE_MIX = {"one": 0.45, "two": 0.10, "figure": 0.45}  # pretraining frequency of each kind of scene
 FADE_PROB, FADE_RANGE = 0.3, (0.35, 0.6)  # a faded scene is blended this far toward the background
 
 OBJECT_SIZE = 11  # every shape fits an 11x11 box
@@ -490,7 +490,7 @@ class PretrainArgs:
     """seeds the data, the initial weights and the training noise"""
     num_images: int = 30000
     """size of the rendered pretraining set"""
-    vae_steps: int = 800
+    vae_steps: int = 2500
     """autoencoder steps (MSE + a small KL term), on half batches"""
     steps: int = 5000
     """diffusion steps (epsilon-prediction MSE), UNet and text encoder trained jointly"""
