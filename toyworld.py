@@ -18,7 +18,7 @@ pairs held out as "unseen").
 The toy model is a Stable Diffusion pipeline in miniature (CLIP tokenizer and text encoder, UNet, KL
 autoencoder, DDIM scheduler) so sampler.py and train.py run on it unchanged. Commands:
 
-    python toyworld.py pretrain --out data/toy-model --seed 0    # the committed weights: ~25 min, 1 CPU core
+    python toyworld.py pretrain --out data/toy-model --seed 0    # the committed weights: ~30 min, 1 CPU core
     python toyworld.py export --out data/toy-pretrain --n 2000    # PNGs + metadata.jsonl for --pretrain-data
     python toyworld.py report --model data/toy-model --out runs/toy-report   # base-model numbers + grid
 """
