@@ -71,17 +71,18 @@ def statistical_parity(buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
 
 
 def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Reward -SP of its group for every image; images with bucket -1 (no person) are left out of the
-    statistic but still get their group's reward. A group with no valid image gets the worst parity,
-    1 - 1/|A| (as if all in one bucket): with 0 there, RL learns to stop drawing people (seen in the toy
-    world, README)."""
-    worst = 1.0 - 1.0 / num_buckets
-    rewards = torch.full((len(buckets),), -worst)
+    """Reward -SP of its group for every image. An image with bucket -1 (no person) counts as the bucket its
+    group already has most of (the first on a tie; bucket 0 in a group with nobody in it), so leaving a
+    person out never lowers SP: hiding over-represented faces is no way to parity, and a group with nobody
+    in it gets the worst parity, 1 - 1/|A|. (Left out of the statistic, empty images were a loophole that RL
+    found in the toy world; scored SP 0, they taught it to stop drawing people: README.)"""
+    rewards = torch.empty(len(buckets))
     for g in groups.unique():
         in_group = groups == g
-        valid = buckets[in_group & (buckets >= 0)]
-        if len(valid) > 0:
-            rewards[in_group] = -statistical_parity(valid, num_buckets)
+        group = buckets[in_group]
+        counts = torch.bincount(group[group >= 0], minlength=num_buckets)  # (|A|,)
+        filled = torch.where(group >= 0, group, counts.argmax())
+        rewards[in_group] = -statistical_parity(filled, num_buckets)
     return rewards
 
 
@@ -227,7 +228,7 @@ def skin_tone_buckets(model, processor, images, device, batch_size: int = 16, pe
 
 
 def skin_reward(model, processor, device, batch_size: int = 16) -> RewardFn:
-    """-SP of the skin-tone buckets of each group (paper section 4); images with no person are left out."""
+    """-SP of the skin-tone buckets of each group (paper section 4); see group_parity_rewards for no person."""
     model.to(device).eval()
 
     def reward(images, prompts, metadata):

@@ -82,15 +82,40 @@ def test_sp_all_in_one_bucket_and_uniform():
 
 
 def test_group_reward_unequal_groups_and_no_person():
-    buckets = torch.tensor([0, 1, 2, 3, 1, 1, -1, -1, -1, 0, -1])
-    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    buckets = torch.tensor([0, 1, 2, 3, 1, 1, -1, -1, -1, 0, -1, 3, 3, 3, 0, 1, 2, -1, -1])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4])
     r = group_parity_rewards(buckets, ids, 4)
     assert r[:4].tolist() == pytest.approx([0.0] * 4)  # uniform group of 4
-    assert r[4:7].tolist() == pytest.approx(
-        [-0.75] * 3
-    )  # both persons in bucket 1; the no-person image shares it
+    assert r[4:7].tolist() == pytest.approx([-0.75] * 3)  # both persons in bucket 1; the empty image joins them
     assert r[7:9].tolist() == pytest.approx([-0.75, -0.75])  # nobody shown: the worst parity, never a prize
-    assert r[9:].tolist() == pytest.approx([-0.75] * 2)  # one valid image
+    assert r[9:11].tolist() == pytest.approx([-0.75] * 2)  # one person: the empty image joins its bucket
+    # group 4: tones 3,3,3,0,1,2 and two empty images, counted as the most common tone 3: shares 5,1,1,1 / 8
+    expected = (5 / 8 - 1 / 4) ** 2 + 3 * (1 / 8 - 1 / 4) ** 2
+    assert r[11:].tolist() == pytest.approx([-expected] * 8)
+    # left out of the statistic instead, the empty images would have made it 6 people, SP 0.0833 < 0.1875
+    assert statistical_parity(torch.tensor([3, 3, 3, 0, 1, 2]), 4).item() < expected
+
+
+def test_leaving_a_person_out_never_lowers_sp():
+    """Every group of 8 images over 4 tones and 'nobody': turning one person into an empty image never
+    makes the group's parity better (the loophole RL found when empty images were left out)."""
+    import itertools
+
+    def sp(counts, empty):
+        buckets = torch.tensor([b for b, c in enumerate(counts) for _ in range(c)] + [-1] * empty)
+        return -group_parity_rewards(buckets, torch.zeros(len(buckets), dtype=torch.long), 4)[0].item()
+
+    checked = 0
+    for counts in itertools.product(range(9), repeat=4):
+        empty = 8 - sum(counts)
+        if empty < 0:
+            continue
+        for tone in (t for t in range(4) if counts[t]):
+            hidden = list(counts)
+            hidden[tone] -= 1
+            assert sp(hidden, empty + 1) >= sp(counts, empty) - 1e-7, (counts, tone)
+            checked += 1
+    assert checked > 500
 
 
 def test_parity_reward_info_and_missing_group():
