@@ -228,7 +228,7 @@ def skin_tone_buckets(model, processor, images, device, batch_size: int = 16, pe
 
 
 def skin_reward(model, processor, device, batch_size: int = 16) -> RewardFn:
-    """-SP of the skin-tone buckets of each group (paper section 4); see group_parity_rewards for no person."""
+    """-SP of the skin-tone buckets of each group (paper section 4); no person: see group_parity_rewards."""
     model.to(device).eval()
 
     def reward(images, prompts, metadata):

@@ -86,7 +86,7 @@ def test_group_reward_unequal_groups_and_no_person():
     ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4])
     r = group_parity_rewards(buckets, ids, 4)
     assert r[:4].tolist() == pytest.approx([0.0] * 4)  # uniform group of 4
-    assert r[4:7].tolist() == pytest.approx([-0.75] * 3)  # both persons in bucket 1; the empty image joins them
+    assert r[4:7].tolist() == pytest.approx([-0.75] * 3)  # both persons in bucket 1, the empty one joins them
     assert r[7:9].tolist() == pytest.approx([-0.75, -0.75])  # nobody shown: the worst parity, never a prize
     assert r[9:11].tolist() == pytest.approx([-0.75] * 2)  # one person: the empty image joins its bucket
     # group 4: tones 3,3,3,0,1,2 and two empty images, counted as the most common tone 3: shares 5,1,1,1 / 8
