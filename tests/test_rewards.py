@@ -1,6 +1,7 @@
 """Rewards and prompt sources: parity by hand-made cases, model-backed rewards on tiny random models built
 from configs (the same scoring code as the real weights), and deterministic, leak-free prompt splits."""
 
+import itertools
 import subprocess
 import sys
 
@@ -98,8 +99,7 @@ def test_group_reward_unequal_groups_and_no_person():
 
 def test_leaving_a_person_out_never_lowers_sp():
     """Every group of 8 images over 4 tones and 'nobody': turning one person into an empty image never
-    makes the group's parity better (the loophole RL found when empty images were left out)."""
-    import itertools
+    makes the group's parity better (as it did when empty images were left out of SP)."""
 
     def sp(counts, empty):
         buckets = torch.tensor([b for b, c in enumerate(counts) for _ in range(c)] + [-1] * empty)
