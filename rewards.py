@@ -73,10 +73,9 @@ def statistical_parity(buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
 def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Reward -SP of its group for every image. An image with bucket -1 (no person) counts as the bucket its
     group already has most of (the first on a tie; bucket 0 in a group with nobody in it), so leaving a
-    person out never lowers SP: hiding over-represented faces is no way to parity, and a group with nobody
-    in it gets the worst parity, 1 - 1/|A|. (Left out of the statistic, empty images were a loophole: hiding
-    some over-represented faces lowered SP. An all-empty group scored SP 0 taught RL in the toy world to
-    stop drawing people: README.)"""
+    person out never lowers SP, and a group with nobody in it gets the worst parity, 1 - 1/|A|. (Left out
+    of the statistic instead, empty images let hiding over-represented faces lower SP; and when an
+    all-empty group scored SP 0, RL in the toy world learned to stop drawing people: README.)"""
     rewards = torch.empty(len(buckets))
     for g in groups.unique():
         in_group = groups == g
