@@ -501,7 +501,7 @@ def main(args: Args):
             step_order = np.random.default_rng([args.seed, iteration, task_index])
             trained = step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
             micro = args.micro_batch or args.batch_size
-            stats = []  # per trained step: loss, approx_kl, clipfrac, max |ratio - 1|, skipped
+            stats = []  # per trained step: loss, approx_kl, clipfrac, max |ratio - 1|, skipped, grad norm
             for j in trained:
                 optimizer.zero_grad(set_to_none=True)
                 step_stats = torch.zeros(4, device=device)
@@ -547,8 +547,11 @@ def main(args: Args):
                 else:
                     scaler.step(optimizer)
                     scaler.update()
-                stats.append(torch.cat([step_stats, torch.tensor([float(skipped)], device=device)]))
-            stats = all_mean(torch.stack(stats)).cpu()  # (K, 5), averaged over ranks
+                skip = torch.tensor([float(skipped)], device=device)
+                # the gradient norm before clipping (0 when the step was skipped)
+                norm = grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0).reshape(1)
+                stats.append(torch.cat([step_stats, skip, norm.to(device)]))
+            stats = all_mean(torch.stack(stats)).cpu()  # (K, 6), averaged over ranks
             if stats[0, 3] > 1e-3:
                 warn(
                     f"the policy ratio before the first update is off by {stats[0, 3]:.2e}: sampling "
@@ -571,6 +574,8 @@ def main(args: Args):
                 "clipfrac": stats[:, 2].mean().item(),
                 "approx_kl_per_step": stats[:, 1].tolist(),
                 "clipfrac_per_step": stats[:, 2].tolist(),
+                "grad_norm_per_step": stats[:, 5].tolist(),
+                "trained_steps": trained.tolist(),  # the DDIM step of each per-step entry, in training order
                 "ratio_error_first": stats[0, 3].item(),
                 "skipped_steps": int(stats[:, 4].sum().item()),
                 "seconds": t3 - t0,
