@@ -599,7 +599,8 @@ def markdown_report(results: dict) -> str:
         lines += [
             f"## {suite_name}: {suite.metric} ({how}; {suite.paper})",
             "",
-            f"{len(first['prompts'])} prompts per set, {n} image(s) per prompt."
+            ", ".join(f"{name}: {len(r['prompts'])} prompts" for name, r in sets.items())
+            + f"; {n} image(s) per prompt."
             + (
                 " SP is computed over each prompt's images, then averaged over prompts."
                 if suite.parity

@@ -194,6 +194,8 @@ def test_run_writes_every_output(run):
         "100 * (joint - base) / (specialist - base)",
     ]:
         assert text in report
+    for set_name, r in results["sets"].items():  # each set's own prompt count
+        assert f"{set_name}: {len(r['prompts'])} prompts" in report
     for set_name in results["sets"]:
         grids = os.listdir(os.path.join(out, "grids", evaluate.safe_name(set_name)))
         assert sorted(grids) == ["0000.png", "0001.png"]
