@@ -59,6 +59,8 @@ class Args:
     eta: float = option(1.0, "DDIM stochasticity; must be > 0 (paper: 1.0)")
     guidance: float = option(7.0, "classifier-free guidance scale (paper: 7.0)")
     train_timesteps: int = option(5, "DDIM steps trained per iteration, one optimizer step each (paper: 5)")
+    inner_epochs: int = option(1, "passes over each batch, each with fresh --train-timesteps steps "
+                                  "(DDPO's num_inner_epochs; paper: 1)")  # fmt: skip
     clip_range: float = option(1e-4, "PPO clip epsilon (paper: 1e-4)")
     adv_clip: float = option(10.0, "advantages clamped to [-c, c] (paper code: 10)")
     per_prompt_advantages: bool = option(
@@ -110,6 +112,8 @@ def parse_args(argv=None) -> Args:
         parser.error("--eta must be > 0: with eta = 0 every DDIM step is deterministic and has no log-prob")
     if not 1 <= args.train_timesteps <= args.num_steps:
         parser.error(f"--train-timesteps must be between 1 and --num-steps ({args.num_steps})")
+    if args.inner_epochs < 1:
+        parser.error("--inner-epochs must be >= 1")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         parser.error("--mixed-precision must be one of no, fp16, bf16")
     if args.log_with not in ("none", "tensorboard", "wandb"):
@@ -499,7 +503,10 @@ def main(args: Args):
             # The UNet stays in eval mode (it has no dropout): sampling and training compute the same
             # function, so w = 1 exactly at the first trained step.
             step_order = np.random.default_rng([args.seed, iteration, task_index])
-            trained = step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
+            trained = np.concatenate([
+                step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
+                for _ in range(args.inner_epochs)
+            ])  # fmt: skip
             micro = args.micro_batch or args.batch_size
             stats = []  # per trained step: loss, approx_kl, clipfrac, max |ratio - 1|, skipped, grad norm
             for j in trained:

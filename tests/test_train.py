@@ -93,6 +93,17 @@ def test_on_policy_at_the_first_trained_step_and_clipping_later(tmp_path):
         assert min(row["grad_norm_per_step"]) > 0
 
 
+def test_inner_epochs_revisit_the_batch_off_policy(tmp_path):
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--inner-epochs", "2")
+    for row in metrics(out):
+        first_pass, second_pass = row["trained_steps"][:3], row["trained_steps"][3:]
+        assert len(set(first_pass)) == len(set(second_pass)) == 3  # --train-timesteps 3, drawn per pass
+        assert len(row["approx_kl_per_step"]) == 6 and row["ratio_error_first"] < 1e-5
+        assert min(row["approx_kl_per_step"][3:]) > 0  # every step of the second pass is off-policy
+    with pytest.raises(SystemExit):
+        train.parse_args(["--inner-epochs", "0"])
+
+
 def test_several_tasks_log_each_task_and_write_all_outputs(tmp_path):
     out = run(tmp_path, "--rewards", "brightness,jpeg", "--iterations", "2", "--sample-every", "1")
     rows = metrics(out)
