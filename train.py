@@ -9,6 +9,7 @@ Each iteration visits every task in turn (PAPER.md section 5):
     1. SAMPLING   this rank's prompts -> stochastic DDIM trajectories with per-step log-probs (no grad)
     2. REWARDS    score, gather over all ranks, batch-level advantages A = (r - mean) / (std + 1e-7)
     3. TRAINING   K random DDIM steps; for each, one optimizer step of the clipped surrogate
+                  (--inner-epochs passes over the same samples, K fresh steps each)
 then one pretraining (L_pre) step when --pretrain-data is given. Outputs in --out: metrics.jsonl,
 checkpoint-<iteration>/ and final/ (loadable by evaluate.py --checkpoint), sample grids.
 """
@@ -558,7 +559,7 @@ def main(args: Args):
                 # the gradient norm before clipping (0 when the step was skipped)
                 norm = grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0).reshape(1)
                 stats.append(torch.cat([step_stats, skip, norm.to(device)]))
-            stats = all_mean(torch.stack(stats)).cpu()  # (K, 6), averaged over ranks
+            stats = all_mean(torch.stack(stats)).cpu()  # (inner_epochs * K, 6), averaged over ranks
             if stats[0, 3] > 1e-3:
                 warn(
                     f"the policy ratio before the first update is off by {stats[0, 3]:.2e}: sampling "
