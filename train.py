@@ -558,7 +558,7 @@ def main(args: Args):
                 skip = torch.tensor([float(skipped)], device=device)
                 # the gradient norm before clipping (0 when the step was skipped)
                 norm = grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0).reshape(1)
-                stats.append(torch.cat([step_stats, skip, norm.to(device)]))
+                stats.append(torch.cat([step_stats, skip, norm]))
             stats = all_mean(torch.stack(stats)).cpu()  # (inner_epochs * K, 6), averaged over ranks
             if stats[0, 3] > 1e-3:
                 warn(
