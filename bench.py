@@ -102,7 +102,7 @@ def parse_args(argv=None) -> BenchArgs:
     parser = train.build_parser(BenchArgs, __doc__)
     args = BenchArgs(**vars(parser.parse_args(argv)))
     if not args.reward:
-        args.reward = "pref" if args.model == "toy" else "brightness"
+        args.reward = "pref" if sampler.is_toy_model(args.model) else "brightness"
     if args.iterations < 2 or args.batch_size < 2:
         parser.error("--iterations and --batch-size must be at least 2 (a warm-up iteration, two halves)")
     if not set(args.sections.split(",")) <= set(SECTIONS):

@@ -155,7 +155,7 @@ def parse_args(argv=None) -> Args:
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; pick from {', '.join(SUITES)}")
     if args.pref_rewards is None:
-        args.pref_rewards = "pref" if args.model == "toy" else "pref,aesthetic"
+        args.pref_rewards = "pref" if sampler.is_toy_model(args.model) else "pref,aesthetic"
     if min(args.images_per_prompt, args.parity_images, args.max_prompts, args.batch_size) < 1:
         parser.error("--images-per-prompt, --parity-images, --max-prompts and --batch-size must be >= 1")
     return args
@@ -222,7 +222,7 @@ class PromptSet:
 
 
 def world_of(args: Args, task_name: str) -> str:
-    return "toy" if args.model == "toy" and task_name in TOY_SUITES else "real"
+    return "toy" if sampler.is_toy_model(args.model) and task_name in TOY_SUITES else "real"
 
 
 def build_prompt_sets(args: Args) -> list[PromptSet]:

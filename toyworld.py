@@ -603,6 +603,8 @@ def pretrain(args: PretrainArgs) -> None:
     input_ids = tokenize(pipe.tokenizer, captions)
     train_diffusion(pipe, means * scaling_factor, stds * scaling_factor, input_ids, args, generator)
     pipe.save_pretrained(args.out, safe_serialization=True)
+    with open(os.path.join(args.out, sampler.TOY_MARKER), "w") as f:  # train.py: use the toy world's tasks
+        json.dump({"pretrain_args": vars(args), "minutes": round((time.time() - start) / 60, 1)}, f, indent=2)
     print(f"saved {args.out} after {(time.time() - start) / 60:.1f} min")
 
 

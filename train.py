@@ -361,7 +361,7 @@ def main(args: Args):
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
 
-    world_name = "toy" if args.model == "toy" else "real"
+    world_name = "toy" if sampler.is_toy_model(args.model) else "real"
     task_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
     tasks = [
         rewards_lib.get_task(name, device=device, world=world_name, prompt_file=args.prompt_file or None)

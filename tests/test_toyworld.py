@@ -140,6 +140,30 @@ def test_toy_model_loads_offline_and_samples():
     assert images.std() > 0.05  # a scene, not a flat image
 
 
+def test_a_model_pretrained_into_any_folder_trains_on_the_toy_tasks(tmp_path):
+    """`toyworld.py pretrain --out DIR` marks DIR as a toy-world model, so `train.py --model DIR` scores it
+    with the toy detectors (no download), like --model toy, and so does evaluate.py; other folders keep the
+    real rewards."""
+    import evaluate
+    import train
+
+    out = str(tmp_path / "my-toy")
+    tw.pretrain(tw.PretrainArgs(out=out, num_images=32, vae_steps=1, steps=1, batch_size=4))
+    marker = json.loads((tmp_path / "my-toy" / sampler.TOY_MARKER).read_text())
+    assert marker["pretrain_args"]["num_images"] == 32
+    assert sampler.is_toy_model(out) and sampler.is_toy_model("toy")
+    assert not sampler.is_toy_model(str(tmp_path)) and not sampler.is_toy_model("tiny")
+    run = str(tmp_path / "run")
+    train.main(train.parse_args([
+        "--model", out, "--rewards", "comp", "--iterations", "1", "--batch-size", "2", "--num-steps", "2",
+        "--train-timesteps", "1", "--sample-every", "0", "--out", run,
+    ]))  # fmt: skip
+    logged = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert logged[0]["task"] == "comp" and "reward_all_detected" in logged[0]
+    assert evaluate.world_of(evaluate.parse_args(["--model", out]), "comp") == "toy"
+    assert evaluate.world_of(evaluate.parse_args(["--model", str(tmp_path)]), "comp") == "real"
+
+
 def test_toy_world_keeps_the_weight_free_rewards_and_rejects_unknown_names():
     assert rewards.get_task("brightness", world="toy").name == "brightness"
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
