@@ -344,7 +344,15 @@ def lazy(build: Callable[[], RewardFn]) -> RewardFn:
 
     @functools.cache
     def built():
-        return build()
+        try:
+            return build()
+        except OSError as error:  # transformers / huggingface_hub: no network and no cached copy
+            raise OSError(
+                f"could not load a reward model's weights ({error}). They come from the Hugging Face hub "
+                "once: give this machine network access, or point HF_HOME at a cache that holds them (set "
+                "HF_HUB_OFFLINE=1 there to skip the retries). Without either, use the toy world "
+                "(--model toy) or the weight-free rewards (jpeg, brightness, color)."
+            ) from error
 
     def reward(images, prompts, metadata):
         return built()(images, prompts, metadata)

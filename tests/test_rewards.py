@@ -275,6 +275,20 @@ def test_models_load_lazily_once():
     assert calls == [1]
 
 
+def test_a_reward_model_that_cannot_be_downloaded_says_what_to_do(monkeypatch):
+    """Offline with no cached copy from_pretrained raises OSError; the reward says where weights come from."""
+    from transformers import Owlv2ForObjectDetection
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(Owlv2ForObjectDetection, "from_pretrained", offline)
+    task = rewards.get_task("comp")
+    with pytest.raises(OSError, match="HF_HOME.*--model toy") as raised:
+        task.reward(torch.ones(1, 3, 8, 8), ["a cat"], [{"objects": ["cat"]}])
+    assert "couldn't connect" in str(raised.value)
+
+
 def test_import_is_light():
     code = "import rewards, sys; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=rewards.PROMPT_DIR.parent.parent)
