@@ -148,9 +148,14 @@ def test_a_model_pretrained_into_any_folder_trains_on_the_toy_tasks(tmp_path):
     import train
 
     out = str(tmp_path / "my-toy")
-    tw.pretrain(tw.PretrainArgs(out=out, num_images=32, vae_steps=1, steps=1, batch_size=4))
+    tw.pretrain(tw.PretrainArgs(out=out, num_images=32, vae_steps=1, steps=1, batch_size=4,
+                                unet_channels="16,32", text_attention="all"))  # fmt: skip
     marker = json.loads((tmp_path / "my-toy" / sampler.TOY_MARKER).read_text())
     assert marker["pretrain_args"]["num_images"] == 32
+    unet = sampler.load_pipeline(out).unet.config  # the architecture options reach the saved model
+    assert unet.block_out_channels == [16, 32] and unet.down_block_types[0] == "CrossAttnDownBlock2D"
+    with pytest.raises(ValueError, match="text_attention must be"):
+        tw.build_pipeline(0, text_attention="8x8")
     assert sampler.is_toy_model(out) and sampler.is_toy_model("toy")
     assert not sampler.is_toy_model(str(tmp_path)) and not sampler.is_toy_model("tiny")
     run = str(tmp_path / "run")
