@@ -441,6 +441,10 @@ def build_pipeline(
     latents within ~30 ms of CPU; text_attention="all" adds it at the 8x8 level too."""
     if text_attention not in ("4x4", "all"):
         raise ValueError(f"text_attention must be '4x4' or 'all', not {text_attention!r}")
+    if len(unet_channels) != 2 or any(c <= 0 or c % 16 for c in unet_channels):
+        raise ValueError(  # 16: the UNet's norm groups
+            f"unet_channels must be two widths, each a multiple of 16, such as 32,64; not {unet_channels}"
+        )
     first = "CrossAttnDownBlock2D" if text_attention == "all" else "DownBlock2D"
     last = "CrossAttnUpBlock2D" if text_attention == "all" else "UpBlock2D"
     torch.manual_seed(seed)
@@ -596,7 +600,11 @@ def pretrain(args: PretrainArgs) -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     generator = torch.Generator().manual_seed(args.seed)
-    channels = tuple(int(c) for c in args.unet_channels.split(","))
+    try:
+        channels = tuple(int(c) for c in args.unet_channels.split(","))
+    except ValueError:
+        message = f"--unet-channels must be two integers such as 32,64, not {args.unet_channels!r}"
+        raise ValueError(message) from None
     pipe = build_pipeline(args.seed, channels, args.text_attention)
     images, captions = make_dataset(args.num_images, args.seed)
     images = _to_tensor(images)

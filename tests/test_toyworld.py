@@ -156,6 +156,11 @@ def test_a_model_pretrained_into_any_folder_trains_on_the_toy_tasks(tmp_path):
     assert unet.block_out_channels == [16, 32] and unet.down_block_types[0] == "CrossAttnDownBlock2D"
     with pytest.raises(ValueError, match="text_attention must be"):
         tw.build_pipeline(0, text_attention="8x8")
+    for channels in [(64,), (32, 40)]:  # one level; a width the norm groups do not divide
+        with pytest.raises(ValueError, match="unet_channels must be two widths, each a multiple of 16"):
+            tw.build_pipeline(0, unet_channels=channels)
+    with pytest.raises(ValueError, match="--unet-channels must be two integers"):
+        tw.pretrain(tw.PretrainArgs(out=out, unet_channels="32x64"))
     assert sampler.is_toy_model(out) and sampler.is_toy_model("toy")
     assert not sampler.is_toy_model(str(tmp_path)) and not sampler.is_toy_model("tiny")
     run = str(tmp_path / "run")
