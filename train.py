@@ -382,7 +382,7 @@ def main(args: Args):
 
     # Frozen text encoder and VAE in the inference dtype; the trained UNet weights in fp32.
     pipe = sampler.load_pipeline(args.model, device=device, dtype=dtype)
-    unet = pipe.unet.to(torch.float32)
+    unet = pipe.unet.float()
     lora_config = None
     if args.lora_rank > 0:
         from peft import LoraConfig
