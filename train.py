@@ -609,7 +609,8 @@ def main(args: Args):
                 loss = pretrain_loss(pipe, model, pretrain_data, args.pretrain_batch_size, seed)
             scaler.scale(args.pretrain_weight * loss).backward()
             scaler.unscale_(optimizer)
-            if torch.isfinite(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)):
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            if torch.isfinite(grad_norm):
                 scaler.step(optimizer)
             scaler.update()
             log(
@@ -617,6 +618,7 @@ def main(args: Args):
                     "iteration": iteration,
                     "task": "pretrain",
                     "loss": all_mean(loss.detach()).item(),
+                    "grad_norm": grad_norm.item(),  # of beta * L_pre before clipping, as grad_norm_per_step
                     "seconds": time.time() - t0,
                 }
             )

@@ -197,6 +197,11 @@ def test_pretraining_loss_step(tmp_path):
     out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--pretrain-data", str(data))
     rows = [row for row in metrics(out) if row["task"] == "pretrain"]
     assert [row["iteration"] for row in rows] == [0, 1] and all(row["loss"] > 0 for row in rows)
+    # beta scales the L_pre gradient: same weights at the first L_pre step, so exactly 3x its norm
+    out3 = run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(data),
+               "--pretrain-weight", "3", name="beta3")  # fmt: skip
+    row3 = next(row for row in metrics(out3) if row["task"] == "pretrain")
+    assert row3["loss"] == rows[0]["loss"] and row3["grad_norm"] == pytest.approx(3 * rows[0]["grad_norm"])
 
 
 def test_lora_mixed_precision_and_checkpointing(tmp_path):
