@@ -610,7 +610,11 @@ def main(args: Args):
             scaler.scale(args.pretrain_weight * loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            if torch.isfinite(grad_norm):
+            skipped = not torch.isfinite(grad_norm)  # the same on every rank, as for the RL steps
+            if skipped:
+                warn(f"iteration {iteration} pretrain: non-finite gradient, step skipped")
+                optimizer.zero_grad(set_to_none=True)
+            else:
                 scaler.step(optimizer)
             scaler.update()
             log(
@@ -618,7 +622,9 @@ def main(args: Args):
                     "iteration": iteration,
                     "task": "pretrain",
                     "loss": all_mean(loss.detach()).item(),
-                    "grad_norm": grad_norm.item(),  # of beta * L_pre before clipping, as grad_norm_per_step
+                    # of beta * L_pre before clipping, 0 when skipped, as grad_norm_per_step
+                    "grad_norm": 0.0 if skipped else grad_norm.item(),
+                    "skipped_steps": int(skipped),
                     "seconds": time.time() - t0,
                 }
             )

@@ -204,6 +204,26 @@ def test_pretraining_loss_step(tmp_path):
     assert row3["loss"] == rows[0]["loss"] and row3["grad_norm"] == pytest.approx(3 * rows[0]["grad_norm"])
 
 
+def test_a_non_finite_pretraining_gradient_skips_only_that_step(tmp_path, monkeypatch):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(data / "0.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a red square"}) + "\n")
+    real = train.pretrain_loss
+    monkeypatch.setattr(train, "pretrain_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.warns(UserWarning, match="pretrain: non-finite gradient, step skipped"):
+        out = run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(data))
+    row = next(row for row in metrics(out) if row["task"] == "pretrain")
+    assert row["grad_norm"] == 0.0 and row["skipped_steps"] == 1  # strict JSON, counted as skipped
+    # the RL steps still count; the skipped L_pre step left the weights as a run without L_pre
+    plain = run(tmp_path, "--rewards", "brightness", "--iterations", "1", name="plain")
+    tuned = unet_weights(os.path.join(out, "final"))
+    for key, value in unet_weights(os.path.join(plain, "final")).items():
+        assert torch.equal(tuned[key], value), key
+
+
 def test_lora_mixed_precision_and_checkpointing(tmp_path):
     pytest.importorskip("peft")
     import sampler
