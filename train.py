@@ -115,6 +115,10 @@ def parse_args(argv=None) -> Args:
         parser.error(f"--train-timesteps must be between 1 and --num-steps ({args.num_steps})")
     if args.inner_epochs < 1:
         parser.error("--inner-epochs must be >= 1")
+    if args.save_every < 1:
+        parser.error("--save-every must be >= 1 (a checkpoint is also written at the end and on SIGTERM)")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0 (it seeds numpy, which takes no negative seeds)")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         parser.error("--mixed-precision must be one of no, fp16, bf16")
     if args.log_with not in ("none", "tensorboard", "wandb"):
@@ -220,20 +224,21 @@ def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
     """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
     (v instead of eps for v-prediction models)."""
     rng = np.random.default_rng(seed)
-    batch = [data[i] for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False)]
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = (
-        torch.stack(
-            [
-                torch.from_numpy(
-                    np.asarray(Image.open(path).convert("RGB").resize((size, size)), dtype=np.float32)
-                )
-                for path, _ in batch
-            ]
-        ).permute(0, 3, 1, 2)
-        / 127.5
-        - 1.0
-    )  # (N, 3, H, W) in [-1, 1]
+    batch, arrays = [], []
+    for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False):
+        path, caption = data[i]
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
+            batch.append((path, caption))
+        except (OSError, ValueError) as error:  # scraped data has broken files: one must not end a run
+            warnings.warn(f"--pretrain-data: left out the unreadable {path} ({error})", stacklevel=2)
+    if not batch:
+        raise ValueError(
+            f"--pretrain-data: none of the {min(len(data), batch_size)} drawn images could be read"
+        )
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -266,7 +271,7 @@ def weight_checksums(parameters) -> torch.Tensor:
 
 
 def save_checkpoint(
-    path: str, unet, optimizer, scaler, iteration: int, args: Args, lora_config=None, checksums=None
+    path: str, unet, optimizer, scaler, iteration: int, args: Args, lora_config=None, checksums=None, world=1
 ):
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -281,8 +286,8 @@ def save_checkpoint(
         save_file(get_peft_model_state_dict(unet), os.path.join(tmp, "lora", "adapter_model.safetensors"))
     state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration}
     torch.save({**state, "rank_checksums": checksums}, os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
+    with open(os.path.join(tmp, "args.json"), "w") as f:  # read back by check_resumable
+        json.dump({**dataclasses.asdict(args), "world_size": world}, f, indent=2)
     old = path + ".old"
     if os.path.exists(path):
         os.replace(path, old)
@@ -299,6 +304,35 @@ def latest_checkpoint(out: str) -> str:
     if not names:
         raise FileNotFoundError(f"--resume latest: no checkpoint-<iteration> folder in {out}")
     return os.path.join(out, max(names, key=lambda n: int(n[11:])))
+
+
+# What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
+RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
+                "train_timesteps", "inner_epochs", "lora_rank", "prompt_file")  # fmt: skip
+
+
+def check_resumable(path: str, args: Args, world: int, master: bool = True):
+    """Refuse to resume a checkpoint under arguments that would not continue it exactly."""
+    if not os.path.isfile(os.path.join(path, "train_state.pt")):
+        raise FileNotFoundError(f"--resume: {path} is not a train.py checkpoint (no train_state.pt)")
+    with open(os.path.join(path, "args.json")) as f:
+        saved = json.load(f)
+    changed = [
+        f"--{name.replace('_', '-')} {saved[name]!r} -> {getattr(args, name)!r}"
+        for name in RUN_DEFINING
+        if name in saved and saved[name] != getattr(args, name)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume {path}: the checkpoint was made with other settings ({'; '.join(changed)}); "
+            "resume with the checkpoint's values (its args.json), or start a new run in another --out"
+        )
+    if saved.get("world_size", world) != world and master:
+        warnings.warn(
+            f"--resume {path}: {saved['world_size']} ranks made the checkpoint, {world} continue it; the "
+            "global batch and the noise change, so the run continues but not exactly as it would have",
+            stacklevel=2,
+        )
 
 
 def save_grid(images: torch.Tensor, path: str, columns: int = 8):
@@ -380,9 +414,12 @@ def main(args: Args):
                 f"task {task.name!r} has {len(prompts)} prompts for {world} ranks; give more prompts"
             )
 
-    # Frozen text encoder and VAE in the inference dtype; the trained UNet weights in fp32.
-    pipe = sampler.load_pipeline(args.model, device=device, dtype=dtype)
-    unet = pipe.unet.float()
+    # The trained UNet loads and stays in fp32 (loading it in bf16 first would round the base weights);
+    # the frozen text encoder and VAE run in the inference dtype.
+    pipe = sampler.load_pipeline(args.model, device=device)
+    pipe.text_encoder.to(dtype)
+    torch.nn.Module.to(pipe.vae, dtype)  # torch's .to: diffusers' warns of fp32 modules this VAE lacks
+    unet = pipe.unet
     lora_config = None
     if args.lora_rank > 0:
         from peft import LoraConfig
@@ -416,8 +453,17 @@ def main(args: Args):
 
     #### Resume: weights, optimizer, iteration; prompts and noise are functions of (seed, iteration) ####
     start = 0
+    if not args.resume:
+        # a fresh run must not mix with another run's checkpoints (--resume latest would pick them up)
+        found = os.path.isdir(args.out) and any(n.startswith("checkpoint-") for n in os.listdir(args.out))
+        if all_mean(torch.tensor([float(found)], device=device)).item() > 0:  # every rank raises together
+            raise FileExistsError(
+                f"{args.out} holds checkpoints of an earlier run: continue it with --resume latest, "
+                "or pass another --out (or delete the folder)"
+            )
     if args.resume:
         path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+        check_resumable(path, args, world, master)
         state = torch.load(os.path.join(path, "train_state.pt"), map_location=device, weights_only=True)
         if lora_config is None:
             sampler.load_checkpoint_weights(pipe, path)
@@ -433,8 +479,9 @@ def main(args: Args):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
         if os.path.exists(metrics_path):  # keep only the history up to the checkpoint we continue from
-            with open(metrics_path) as f:
-                kept = [line for line in f if start and json.loads(line)["iteration"] < start]
+            with open(metrics_path) as f:  # a line cut off by a kill has no newline: drop it
+                lines = [line for line in f if line.endswith("\n")]
+                kept = [line for line in lines if start and json.loads(line)["iteration"] < start]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
         track = open_tracker(args)
@@ -461,7 +508,7 @@ def main(args: Args):
             )
         if master:
             path = os.path.join(args.out, name)
-            save_checkpoint(path, unet, optimizer, scaler, iteration, args, lora_config, checksums)
+            save_checkpoint(path, unet, optimizer, scaler, iteration, args, lora_config, checksums, world)
         barrier()
 
     stopping = False
@@ -495,6 +542,14 @@ def main(args: Args):
             global_prompt_ids = all_gather(prompt_ids.to(device)).cpu()
             if not torch.isfinite(global_rewards).all():
                 warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
+                log({
+                    "iteration": iteration,
+                    "task": task.name,
+                    "samples": len(global_rewards),
+                    "non_finite_rewards": int((~torch.isfinite(global_rewards)).sum()),
+                    "skipped_steps": args.train_timesteps * args.inner_epochs,
+                    "seconds": time.time() - t0,
+                })  # fmt: skip
                 continue  # every rank sees the same gathered rewards, so every rank skips together
             advantages = compute_advantages(global_rewards, global_prompt_ids, args)
             advantages = advantages[rank * args.batch_size : (rank + 1) * args.batch_size].to(device)  # (B,)

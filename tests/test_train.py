@@ -124,6 +124,15 @@ def test_several_tasks_log_each_task_and_write_all_outputs(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     full = run(tmp_path, "--rewards", "brightness", "--iterations", "4", name="full")
     part = run(tmp_path, "--rewards", "brightness", "--iterations", "2", name="part")
+    # refused before anything is touched: a fresh run over the checkpoints, a resume that would not be exact
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        run(tmp_path, "--rewards", "brightness", "--iterations", "4", name="part")
+    with pytest.raises(ValueError, match=r"--seed 0 -> 5.*--batch-size 4 -> 8"):
+        train.main(train.parse_args([*SMALL, "--out", part, "--rewards", "brightness", "--iterations", "4",
+                                     "--resume", "latest", "--seed", "5", "--batch-size", "8"]))  # fmt: skip
+    assert [r["iteration"] for r in metrics(part)] == [0, 1]
+    with open(os.path.join(part, "metrics.jsonl"), "a") as f:
+        f.write('{"iteration": 2, "task": "bright')  # a line cut off by a kill
     train.main(train.parse_args([*SMALL, "--out", part, "--rewards", "brightness", "--iterations", "4",
                                  "--resume", "latest"]))  # fmt: skip
     for key, value in unet_weights(os.path.join(full, "final")).items():
@@ -159,13 +168,15 @@ def test_bad_input_is_a_clear_error_at_start_up(tmp_path):
         )
     with pytest.raises(ValueError, match="unknown reward 'nope'.*brightness"):
         run(tmp_path, "--rewards", "nope", "--iterations", "1")
-    with pytest.raises(SystemExit):
-        train.parse_args(["--eta", "0"])
+    for bad in (["--eta", "0"], ["--save-every", "0"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
     with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
         run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(tmp_path))
 
 
-def test_non_finite_rewards_skip_the_update(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_non_finite_rewards_skip_the_update(tmp_path, monkeypatch, precision):
     def nan_task(device="cpu", prompt_file=None):
         task = rewards.TASKS["brightness"](device=device)
         task.reward = lambda images, prompts, metadata: (torch.full((len(prompts),), float("nan")), {})
@@ -173,7 +184,11 @@ def test_non_finite_rewards_skip_the_update(tmp_path, monkeypatch):
 
     monkeypatch.setitem(rewards.TASKS, "nan", nan_task)
     with pytest.warns(UserWarning, match="non-finite rewards"):
-        out = run(tmp_path, "--rewards", "nan", "--iterations", "1")
+        out = run(tmp_path, "--rewards", "nan", "--iterations", "1", "--mixed-precision", precision)
+    assert metrics(out) == [
+        {**metrics(out)[0], "task": "brightness", "non_finite_rewards": 4, "skipped_steps": 3}
+    ]
+    # bit-identical to the base model: bf16 runs train fp32 weights loaded in fp32, not rounded to bf16
     before = sampler_weights()
     for key, value in unet_weights(os.path.join(out, "final")).items():
         assert torch.equal(value, before[key]), key
@@ -202,6 +217,14 @@ def test_pretraining_loss_step(tmp_path):
                "--pretrain-weight", "3", name="beta3")  # fmt: skip
     row3 = next(row for row in metrics(out3) if row["task"] == "pretrain")
     assert row3["loss"] == rows[0]["loss"] and row3["grad_norm"] == pytest.approx(3 * rows[0]["grad_norm"])
+    # a broken file in the data is left out with a warning, not the end of the run
+    with open(data / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "broken.png", "text": "a red square"}) + "\n")
+    (data / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="left out the unreadable .*broken.png"):
+        out = run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(data),
+                  name="broken")  # fmt: skip
+    assert next(row for row in metrics(out) if row["task"] == "pretrain")["loss"] > 0
 
 
 def test_a_non_finite_pretraining_gradient_skips_only_that_step(tmp_path, monkeypatch):
