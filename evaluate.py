@@ -156,8 +156,31 @@ def parse_args(argv=None) -> Args:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; pick from {', '.join(SUITES)}")
     if args.pref_rewards is None:
         args.pref_rewards = "pref" if sampler.is_toy_model(args.model) else "pref,aesthetic"
+    if not scorers_of(args, "pref"):
+        parser.error('--pref-rewards needs at least one reward, e.g. "pref,aesthetic"')
+    for name in scorers_of(args, "pref"):
+        if name not in rewards.TASKS:
+            known = ", ".join(sorted(rewards.TASKS))
+            parser.error(f"unknown reward {name!r} in --pref-rewards; known rewards: {known}")
+    for spec in args.specialist:
+        suite_name, _, label = spec.partition("=")
+        if not suite_name or not label:
+            parser.error(
+                f"--specialist {spec!r} must be SUITE=LABEL: a suite of --suites and the --checkpoint label "
+                "of its single-task checkpoint, e.g. --specialist skin=skin"
+            )
+    if args.pref_prompts and sampler.is_toy_model(args.model):
+        parser.error(
+            "--pref-prompts adds a prompt file (e.g. PartiPrompts) as a pref prompt set, but the toy world's "
+            "pref reward only scores its own captions (it reads the objects to detect from their metadata); "
+            "drop --pref-prompts with a toy-world --model, or pass a real --model"
+        )
     if min(args.images_per_prompt, args.parity_images, args.max_prompts, args.batch_size) < 1:
         parser.error("--images-per-prompt, --parity-images, --max-prompts and --batch-size must be >= 1")
+    if args.resamples < 1:
+        parser.error(
+            f"--resamples must be >= 1 (bootstrap resamples of the 95% intervals), got {args.resamples}"
+        )
     return args
 
 
@@ -256,7 +279,8 @@ def build_prompt_sets(args: Args) -> list[PromptSet]:
 
 
 def checkpoint_fingerprint(checkpoint: str | None) -> list:
-    """Names, sizes and times of a checkpoint's files: retraining invalidates its cached images."""
+    """Names, sizes and times of a checkpoint's (or a model folder's) files: retraining invalidates its
+    cached images."""
     if checkpoint is None:
         return []
     found = []
@@ -269,11 +293,21 @@ def checkpoint_fingerprint(checkpoint: str | None) -> list:
     return found
 
 
+def model_fingerprint(model: str) -> str | list:
+    """The base model in the image cache key: a local folder (the toy model's for "toy") by its name and its
+    files' fingerprint, so re-pretraining it or changing its weights invalidates its images; "tiny" (built
+    in code) and hub ids by their name."""
+    folder = sampler.TOY_MODEL_DIR if model == "toy" else model
+    if model == "tiny" or not os.path.isdir(folder):
+        return model
+    return [model, checkpoint_fingerprint(folder)]
+
+
 def generate_images(args: Args, label: str, checkpoint: str | None, prompt_sets: list[PromptSet]) -> dict:
     """{set name: [PNG path relative to OUT] per image}. Only images missing from the cache are generated,
     and the model is loaded only if some are; a file name holds a hash of all its image depends on."""
     settings = [
-        args.model,
+        model_fingerprint(args.model),
         checkpoint_fingerprint(checkpoint),
         args.num_steps,
         args.guidance,

@@ -267,7 +267,8 @@ def detection_scores(model, processor, images, objects: list[list[str]], device,
 
 
 def comp_reward(model, processor, device, batch_size: int = 4, threshold: float = 0.1) -> RewardFn:
-    """Mean over the prompt's objects of the best detection score, 0 for an object not found (< threshold)."""
+    """Mean over the prompt's objects of the best detection score, 0 for an object not found (< threshold).
+    Info: found_rate, the share of objects found; all_detected, the share of images with all objects found."""
     model.to(device).eval()
 
     def reward(images, prompts, metadata):
@@ -277,7 +278,11 @@ def comp_reward(model, processor, device, batch_size: int = 4, threshold: float 
         scores = detection_scores(model, processor, images, objects, device, batch_size)
         found = [torch.where(s >= threshold, s, 0.0) for s in scores]
         rewards = torch.stack([f.mean() for f in found])
-        return rewards, {"found_rate": torch.cat(found).gt(0).float().mean().item()}
+        info = {
+            "found_rate": torch.cat(found).gt(0).float().mean().item(),
+            "all_detected": torch.stack([f.gt(0).all() for f in found]).float().mean().item(),
+        }
+        return rewards, info
 
     return reward
 
@@ -555,12 +560,17 @@ def simple_prompts(task: str, prompt_file: str | None):
     return prompt_list_source(task, lambda: read_prompt_file(path))
 
 
-def no_prompt_file(task: str, prompt_file: str | None):
-    if prompt_file is not None:
+def no_prompt_file(task: str, prompt_file: str | None, world: str = "real"):
+    """Refuse a prompt file for a task that builds its own prompts (with the metadata its reward needs)."""
+    if prompt_file is None:
+        return
+    takes_one = "pref, imagereward, aesthetic, jpeg, brightness and color"
+    if world == "toy":
         raise ValueError(
-            f"task {task} builds its own prompts; --prompt-file works with pref, imagereward, aesthetic, "
-            "jpeg, brightness and color"
+            f"task {task} of the toy world builds its own prompts, as every toy-world task does; drop "
+            f"--prompt-file, or pass a real --model (there --prompt-file works with {takes_one})"
         )
+    raise ValueError(f"task {task} builds its own prompts; --prompt-file works with {takes_one}")
 
 
 def weight_free_task(name: str, reward: RewardFn, minibatch: bool = False) -> Callable[..., Task]:
@@ -631,6 +641,7 @@ def get_task(
         import toyworld
 
         if name in toyworld.TASKS:
+            no_prompt_file(name, prompt_file, world)
             return toyworld.get_task(name, device)
     if name not in TASKS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(TASKS))}")

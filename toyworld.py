@@ -191,6 +191,7 @@ def export(out: str, n: int, seed: int) -> None:
 PALETTE = torch.tensor([BACKGROUND, *COLOURS.values(), *TONES])  # (1 + 6 + 4, 3)
 COLOUR_SHARPNESS = 0.15  # a pixel this far (RGB distance) off a colour-background mix counts 1/e
 MIN_HEAD_PIXELS = 20  # fewer skin pixels than this: no person (a rendered head has 57)
+DETECTED = 0.5  # an object with a detection confidence above this counts as detected
 
 
 def _palette_distances(images: torch.Tensor) -> torch.Tensor:
@@ -249,16 +250,20 @@ def detect_objects(images: torch.Tensor) -> torch.Tensor:
     return presence * distinct
 
 
-def object_scores(images: torch.Tensor, objects: list[list]) -> torch.Tensor:
-    """Mean detection confidence of each image's own objects: objects[i] = [(colour, shape), ...] -> (B,)."""
+def object_confidences(images: torch.Tensor, objects: list[list]) -> list[torch.Tensor]:
+    """Detection confidence of each of an image's own objects: objects[i] = [(colour, shape), ...] ->
+    one (K_i,) tensor per image."""
     conf = detect_objects(images)
     colour_ids, shape_ids = list(COLOURS), list(TEMPLATES)
-    return torch.stack(
-        [
-            torch.stack([conf[i, colour_ids.index(c), shape_ids.index(s)] for c, s in objs]).mean()
-            for i, objs in enumerate(objects)
-        ]
-    )
+    return [
+        torch.stack([conf[i, colour_ids.index(c), shape_ids.index(s)] for c, s in objs])
+        for i, objs in enumerate(objects)
+    ]
+
+
+def object_scores(images: torch.Tensor, objects: list[list]) -> torch.Tensor:
+    """Mean detection confidence of each image's own objects: objects[i] = [(colour, shape), ...] -> (B,)."""
+    return torch.stack([c.mean() for c in object_confidences(images, objects)])
 
 
 def detect_tone(images: torch.Tensor) -> torch.Tensor:
@@ -367,9 +372,12 @@ def skin_reward(images, prompts, metadata):
 
 
 def comp_reward(images, prompts, metadata):
-    """Mean detection confidence over the prompt's objects (paper: UniDet scores)."""
-    reward = object_scores(images, [m["objects"] for m in metadata]).float().cpu()
-    return reward, {"all_detected": (reward > 0.5).float().mean().item()}
+    """Mean detection confidence over the prompt's objects (paper: UniDet scores). Info: all_detected, the
+    share of images in which every object of the prompt is detected (confidence > DETECTED)."""
+    confidences = object_confidences(images, [m["objects"] for m in metadata])
+    reward = torch.stack([c.mean() for c in confidences]).float().cpu()
+    all_detected = torch.stack([(c > DETECTED).all() for c in confidences]).float().mean().item()
+    return reward, {"all_detected": all_detected}
 
 
 TASKS = {  # name -> (prompt source, splits, reward)
@@ -664,7 +672,10 @@ def report(args) -> dict:
     prompts = [p for p, _ in singles for _ in range(4)]
     images = _generate(pipe, prompts, args, generator)
     named = object_scores(images, [m["objects"] for _, m in singles for _ in range(4)])
-    results["one_object"] = {"accuracy": (named > 0.5).float().mean().item(), "score": named.mean().item()}
+    results["one_object"] = {
+        "accuracy": (named > DETECTED).float().mean().item(),
+        "score": named.mean().item(),
+    }
     grid.append(images[::4][:16])
     for name, split, copies in [
         ("comp", "seen", 1),

@@ -110,6 +110,42 @@ def test_checkpoint_labels_and_table5_roles_from_args_json(tmp_path):
     assert evaluate.table5_roles(args, checkpoints) == (None, {})
 
 
+def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys):
+    """Refused by parse_args, before a model is loaded or an image generated, each saying what to change."""
+    cases = [
+        (
+            ["--pref-rewards", "pref,nope"],
+            "unknown reward 'nope' in --pref-rewards; known rewards: aesthetic",
+        ),
+        (["--pref-rewards", " , "], "--pref-rewards needs at least one reward"),
+        (["--specialist", "skin"], "--specialist 'skin' must be SUITE=LABEL"),
+        (["--specialist", "skin="], "must be SUITE=LABEL"),
+        (["--resamples", "0"], "--resamples must be >= 1"),
+        (
+            ["--model", "toy", "--pref-prompts", "parti=parti.txt"],
+            "drop --pref-prompts with a toy-world --model",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    # a prompt file goes to the weight-free suites of the toy world, not to its own pref, skin and comp
+    lines = [f"a red circle {i}" for i in range(20)]  # 10% held out: 2 test prompts
+    (tmp_path / "prompts.txt").write_text("\n".join(lines))
+    args = evaluate.parse_args(
+        ["--model", "toy", "--suites", "pref", "--prompt-file", str(tmp_path / "prompts.txt")]
+    )
+    with pytest.raises(
+        ValueError, match="task pref of the toy world builds its own prompts.*drop --prompt-file"
+    ):
+        evaluate.build_prompt_sets(args)
+    args = evaluate.parse_args(
+        ["--model", "toy", "--suites", "brightness", "--prompt-file", str(tmp_path / "prompts.txt")]
+    )
+    assert {p for ps in evaluate.build_prompt_sets(args) for p in ps.prompts} <= set(lines)
+
+
 def test_tally_of_two_raters(tmp_path, capsys):
     def vote(pair, set_name, winner):
         return {
@@ -270,6 +306,42 @@ def test_rerun_reuses_the_images(run, monkeypatch):
     evaluate.main(run["argv"])
     after = load_results(run["out"])
     assert after["sets"] == before["sets"]
+
+
+def test_a_changed_local_model_folder_gets_new_images(tmp_path):
+    """The base model of a local folder is keyed by its files, as a checkpoint is: after its weights change
+    (a re-pretrained toy model, say), a rerun into the same --out generates and scores new base images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = sampler.load_pipeline("tiny")
+        model = str(tmp_path / "model")
+        pipe.save_pretrained(model)
+        argv = [*RUN, "--suites", "brightness", "--model", model, "--out", str(tmp_path / "out")]  # last wins
+        evaluate.main(argv)
+        before = load_results(str(tmp_path / "out"))["sets"]["brightness/test"]
+        with torch.no_grad():  # new weights, as after pretraining again
+            for value in pipe.unet.parameters():
+                value.mul_(1.5)
+        pipe.save_pretrained(model)
+        evaluate.main(argv)
+        after = load_results(str(tmp_path / "out"))["sets"]["brightness/test"]
+    finally:
+        torch.set_num_threads(threads)
+    assert after["files"]["base"] != before["files"]["base"]
+    assert (
+        after["scores"]["brightness"]["rewards"]["base"] != before["scores"]["brightness"]["rewards"]["base"]
+    )
+    assert evaluate.model_fingerprint("tiny") == "tiny"
+    assert (
+        evaluate.model_fingerprint("stabilityai/stable-diffusion-2-base")
+        == "stabilityai/stable-diffusion-2-base"
+    )
+    if os.path.isdir(sampler.TOY_MODEL_DIR):  # "toy" is the folder data/toy-model
+        assert evaluate.model_fingerprint("toy") == [
+            "toy",
+            evaluate.checkpoint_fingerprint(sampler.TOY_MODEL_DIR),
+        ]
 
 
 #### The A/B page in a real headless browser ####

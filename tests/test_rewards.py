@@ -223,6 +223,15 @@ def test_comp_scores_match_owlv2_post_processing(tiny_owl):
         rewards.comp_reward(model, processor, "cpu")(images, [""] * 3, groups(0, 1, 2))
 
 
+def test_comp_all_detected_is_the_share_of_images_with_every_object_found(monkeypatch):
+    scores = [torch.tensor([0.9, 0.05]), torch.tensor([0.3, 0.2]), torch.tensor([0.4])]  # threshold 0.1
+    monkeypatch.setattr(rewards, "detection_scores", lambda *args, **kwargs: scores)
+    meta = [{"group": i, "objects": ["o"] * len(s)} for i, s in enumerate(scores)]
+    r, info = rewards.comp_reward(torch.nn.Identity(), None, "cpu")(random_images(3), [""] * 3, meta)
+    assert r.tolist() == pytest.approx([0.45, 0.25, 0.4])
+    assert info["found_rate"] == pytest.approx(4 / 5) and info["all_detected"] == pytest.approx(2 / 3)
+
+
 def test_aesthetic_head_loads_safely_and_scores(tiny_clip, tmp_path):
     model, processor = tiny_clip
     torch.manual_seed(1)

@@ -106,6 +106,39 @@ def test_tasks_follow_the_rewards_contract():
     assert reward[0] == 1 and reward[0] > reward[1] and reward[0] > reward[2]
 
 
+def test_comp_all_detected_needs_every_object_of_the_prompt():
+    """all_detected is the share of images with every object of the prompt detected (confidence > 0.5), not
+    of images whose mean confidence is above one half."""
+    comp = rewards.get_task("comp", world="toy")
+    pair = [["red", "circle"], ["blue", "cross"]]
+    images = render([objects_scene(pair), objects_scene(pair[:1]), objects_scene([("yellow", "square")])])
+    cut = images[0].clone()  # the pair with the top 6 of the cross's 11 rows erased: a weak cross
+    cross = (cut - torch.tensor(tw.COLOURS["blue"])[:, None, None]).abs().sum(0) < 0.05  # (H, W)
+    cross[cross.nonzero()[:, 0].min() + 6 :] = False
+    cut[:, cross] = torch.tensor(tw.BACKGROUND)[:, None]
+    images = torch.cat([images, cut[None]])
+    metadata = [{"objects": pair, "group": i} for i in range(4)]
+    reward, _ = comp.reward(images, ["a red circle next to a blue cross"] * 4, metadata)
+    circle, weak_cross = (tw.object_scores(cut[None], [[o]]).item() for o in pair)
+    assert circle == 1 and 0 < weak_cross < 0.5 and reward[3] > 0.5
+    assert reward[:3].tolist() == [1.0, 0.5, 0.0]
+    # both present, only the circle, neither, a weak cross
+    for i, expected in enumerate([1.0, 0.0, 0.0, 0.0]):
+        _, info = comp.reward(images[i : i + 1], [""], metadata[i : i + 1])
+        assert info["all_detected"] == expected, i
+    _, info = comp.reward(images, [""] * 4, metadata)
+    assert info["all_detected"] == 0.25
+
+
+def test_toy_tasks_refuse_a_prompt_file():
+    for name in tw.TASKS:
+        with pytest.raises(
+            ValueError, match=f"task {name} of the toy world builds its own prompts.*--prompt-file"
+        ):
+            rewards.get_task(name, world="toy", prompt_file="prompts.txt")
+    assert rewards.get_task("brightness", world="toy", prompt_file="prompts.txt").name == "brightness"
+
+
 def test_tokenizer_has_every_word_as_one_token():
     tokenizer = tw.build_tokenizer()
     for word in tw.vocabulary():
