@@ -199,16 +199,25 @@ def _palette_distances(images: torch.Tensor) -> torch.Tensor:
     return (images.unsqueeze(1) - PALETTE.to(images)[None, :, :, None, None]).norm(dim=2)
 
 
+def _mix_with_background(images: torch.Tensor, colours, pure_at_most=False) -> tuple[torch.Tensor, ...]:
+    """Each pixel read as a mix alpha * colour + (1 - alpha) * background of each colour (the projection
+    on that line), and its RGB distance off the line (pure_at_most: off the segment that ends at the pure
+    colour, alpha <= 1): (B, 3, H, W) -> two (B, K, H, W) for K colours."""
+    bg = torch.tensor(BACKGROUND).to(images)[None, :, None, None]
+    direction = torch.tensor(colours).to(images) - bg.view(1, 3)  # (K, 3)
+    offset = (images.float() - bg).unsqueeze(1)  # (B, 1, 3, H, W)
+    alpha = torch.einsum("bxchw,kc->bkhw", offset, direction) / direction.pow(2).sum(1)[None, :, None, None]
+    along = alpha.clamp(max=1) if pure_at_most else alpha
+    off_line = (offset - along.unsqueeze(2) * direction[None, :, :, None, None]).norm(dim=2)
+    return alpha, off_line
+
+
 def colour_masks(images: torch.Tensor) -> torch.Tensor:
     """How much of each pixel is each shape colour: (B, 3, H, W) -> (B, 6, H, W) in [0, 1].
 
-    A pixel is read as a mix alpha * colour + (1 - alpha) * background (the projection on that line), so a
-    blurred edge counts half and mass is kept under blur; pixels off the line (other colours) count 0."""
-    bg = torch.tensor(BACKGROUND).to(images)[None, :, None, None]
-    direction = torch.tensor(list(COLOURS.values())).to(images) - bg.view(1, 3)  # (6, 3)
-    offset = (images.float() - bg).unsqueeze(1)  # (B, 1, 3, H, W)
-    alpha = torch.einsum("bxchw,kc->bkhw", offset, direction) / direction.pow(2).sum(1)[None, :, None, None]
-    off_line = (offset - alpha.unsqueeze(2) * direction[None, :, :, None, None]).norm(dim=2)
+    A pixel is read as a mix of the colour and the background, so a blurred edge counts half and mass is
+    kept under blur; pixels off the line (other colours) count 0."""
+    alpha, off_line = _mix_with_background(images, list(COLOURS.values()))
     return alpha.clamp(0, 1) * torch.exp(-((off_line / COLOUR_SHARPNESS) ** 2))
 
 
@@ -233,21 +242,27 @@ def detect_objects(images: torch.Tensor) -> torch.Tensor:
 
     Each colour mask, thresholded at one half, is matched against every template at every position (IoU of
     the mask inside the template's window with the template). The confidence is high when the best IoU is
-    high (presence) and clearly beats the other templates' best IoU in that colour (shape; scenes never
-    repeat a colour), so a shapeless blob scores low for every shape. Rendered objects score exactly 1,
-    absent ones 0."""
+    high (presence), clearly beats the other templates' best IoU in that colour (shape; scenes never
+    repeat a colour), so a shapeless blob scores low for every shape, and the template there holds most of
+    the colour's pixels (alone), so a canvas filled with one colour, which holds every shape, is none.
+    Rendered objects score exactly 1, absent ones 0."""
     # a pixel is of a colour if more than half of it is: blur then moves an edge little, not the shape
     masks = (colour_masks(images) > 0.5).float().flatten(0, 1).unsqueeze(1)  # (B*6, 1, H, W)
     shapes, windows = (k.to(images.device) for k in TEMPLATE_KERNELS)
     inter = F.conv2d(masks, shapes, padding=shapes.shape[-1] // 2)  # (B*6, 5, H, W)
     in_window = F.conv2d(masks, windows, padding=windows.shape[-1] // 2)
     iou = inter / (shapes.sum((1, 2, 3))[:, None, None] + in_window - inter)
-    best = iou.flatten(1).view(len(images), len(COLOURS), len(TEMPLATES), -1).amax(-1)  # (B, 6, 5)
+    iou = iou.flatten(1).view(len(images), len(COLOURS), len(TEMPLATES), -1)
+    best, where = iou.max(-1)  # (B, 6, 5)
+    inter_there = inter.flatten(1).view_as(iou).gather(-1, where.unsqueeze(-1)).squeeze(-1)
+    colour_pixels = masks.sum((1, 2, 3)).view(len(images), len(COLOURS), 1)
+    held = inter_there / colour_pixels.clamp(min=1)  # share of the colour's pixels inside the template
     itself = torch.eye(len(TEMPLATES), dtype=torch.bool, device=best.device)
     rival = best.unsqueeze(-2).masked_fill(itself, 0).amax(-1)  # (B, 6, 5): best IoU of the other templates
     presence = ((best - 0.3) / 0.4).clamp(0, 1)
     distinct = (0.5 + 1.75 * (best - rival)).clamp(0, 1)
-    return presence * distinct
+    alone = ((held - 0.15) / 0.2).clamp(0, 1)  # full from 0.35: two objects of one colour still count
+    return presence * distinct * alone
 
 
 def object_confidences(images: torch.Tensor, objects: list[list]) -> list[torch.Tensor]:
@@ -268,11 +283,14 @@ def object_scores(images: torch.Tensor, objects: list[list]) -> torch.Tensor:
 
 def detect_tone(images: torch.Tensor) -> torch.Tensor:
     """Skin-tone bucket of the person in each image, 0 (dark) .. 3 (light), or -1 if there is no person:
-    (B, 3, H, W) -> (B,) long. A pixel votes for a tone if that tone is its nearest palette colour and
-    it is within 0.15 of it; the majority wins."""
-    distances = _palette_distances(images.float())  # (B, 11, H, W)
-    nearest_d, nearest = distances.min(1)
-    first_tone = 1 + len(COLOURS)
+    (B, 3, H, W) -> (B,) long. Every pixel is read as a mix of the background and one of the 10 colours
+    (6 shape colours, 4 tones), the one it is nearest (faded up to the pure colour); it votes for a tone if
+    that is a tone, it is at least 30 % of the mix (a faded head still is, a faded hat is yellow's) and
+    within 0.15 of it (a head between two tones still votes). The majority wins. Exact on renders at
+    every fade; on generated scenes of objects a dull yellow object can read as a face."""
+    alpha, off_line = _mix_with_background(images, [*COLOURS.values(), *TONES], pure_at_most=True)
+    nearest_d, nearest = off_line.masked_fill(alpha < 0.3, float("inf")).min(1)
+    first_tone = len(COLOURS)
     votes = torch.stack([((nearest == first_tone + k) & (nearest_d < 0.15)).sum((1, 2)) for k in range(4)], 1)
     buckets = votes.argmax(1)
     return torch.where(votes.sum(1) >= MIN_HEAD_PIXELS, buckets, torch.full_like(buckets, -1))
@@ -335,18 +353,28 @@ def skin_prompts(split: str, seed: int) -> list[tuple[str, dict]]:
 
 
 def pref_prompts(split: str, seed: int) -> list[tuple[str, dict]]:
-    """Captions of the pretraining distribution, 500 distinct ones: 400 for training, 100 for test."""
+    """Captions of the pretraining distribution, 500 distinct ones; every fifth of each kind (portrait,
+    one object, two objects) is for test, the rest for training. None is a held-out prompt of skin or comp
+    or names an unseen object, so those stay held out for pref and joint models too."""
+    held_out = {p for name in ("seen", "unseen") for p, _ in comp_prompts(name, 0)}
+    held_out |= {p for p, _ in skin_prompts("occupations", 0)}
     rng, found = np.random.default_rng(4321), {}
     while len(found) < 500:
         scene = sample_scene(rng)
-        meta = (
-            {"occupation": scene["occupation"]}
-            if scene["kind"] == "figure"
-            else {"objects": [list(o) for o in scene["objects"]]}
-        )
-        found.setdefault(caption(scene), meta)
-    items = list(found.items())
-    return _shuffled(items[:400] if split == "train" else items[400:], seed)
+        if scene["kind"] == "figure":
+            meta = {"occupation": scene["occupation"]}
+        else:
+            meta = {"objects": [list(o) for o in scene["objects"]]}
+            if any(tuple(o) in UNSEEN_OBJECTS for o in scene["objects"]):
+                continue
+        if caption(scene) not in held_out:
+            found.setdefault(caption(scene), meta)
+    kinds = {}  # number of objects (0: a portrait) -> its captions in the order found
+    for item in found.items():
+        kinds.setdefault(len(item[1].get("objects", ())), []).append(item)
+    test = split == "test"
+    items = [item for same in kinds.values() for i, item in enumerate(same) if (i % 5 == 4) == test]
+    return _shuffled(items, seed)
 
 
 def _objects_of(meta: dict) -> list:

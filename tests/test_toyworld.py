@@ -43,6 +43,12 @@ def test_detectors_on_people_and_faded_scenes():
     people = [figure_scene(o, tone) for o in tw.OCCUPATIONS for tone in range(4)]
     images = render(people)
     assert tw.detect_tone(images).tolist() == [tone for _ in tw.OCCUPATIONS for tone in range(4)]
+    for fade in (*tw.FADE_RANGE, sum(tw.FADE_RANGE) / 2):  # faded heads keep their tone, yellow hats are none
+        faded_people = render([figure_scene(o, tone, fade) for o in tw.OCCUPATIONS for tone in range(4)])
+        assert tw.detect_tone(faded_people).tolist() == [tone for _ in tw.OCCUPATIONS for tone in range(4)]
+    rng = np.random.default_rng(1)
+    scenes = [s for s in (tw.sample_scene(rng) for _ in range(400)) if s["kind"] == "objects"]
+    assert (tw.detect_tone(render(scenes)) == -1).all()  # faded or not, shapes are nobody
     outfit = [list(tw.COLOURS).index(tw.OCCUPATIONS[s["occupation"]][0]) for s in people]
     assert torch.equal(tw.detect_objects(images)[range(len(people)), outfit, -1], torch.ones(len(people)))
 
@@ -54,6 +60,18 @@ def test_detectors_on_people_and_faded_scenes():
     assert (tw.palette_fit(faded) < 0.8).all()
     washed_out = render([objects_scene([("red", "cross")], fade=0.6)])  # less than half red: not detected
     assert tw.object_scores(washed_out, [[("red", "cross")]]).item() == 0
+
+
+def test_what_is_absent_is_not_detected():
+    canvases = torch.stack([torch.tensor(c).view(3, 1, 1).expand(3, 32, 32) for c in tw.COLOURS.values()])
+    assert torch.equal(tw.detect_objects(canvases), torch.zeros(len(tw.COLOURS), len(tw.COLOURS), 5))
+    assert (tw.detect_tone(canvases) == -1).all()
+    # a person's hat is no shape: nothing but the outfit's body is detected in a portrait
+    people = render([figure_scene(o, tone) for o in tw.OCCUPATIONS for tone in range(4)])
+    conf = tw.detect_objects(people)
+    outfit = [list(tw.COLOURS).index(tw.OCCUPATIONS[o][0]) for o in tw.OCCUPATIONS for _ in range(4)]
+    conf[range(len(outfit)), outfit, -1] = 0
+    assert conf.max() < 0.5
 
 
 def test_pretraining_data_is_biased():
@@ -79,6 +97,14 @@ def test_tasks_follow_the_rewards_contract():
     assert not {p for p, _ in comp.prompts("train", 0)} & {p for p, _ in comp.prompts("seen", 0)}
     assert {p for p, _ in skin.prompts("occupations", 0)} == {f"a portrait of a {o}" for o in tw.OCCUPATIONS}
     assert not {p for p, _ in pref.prompts("train", 0)} & {p for p, _ in pref.prompts("test", 0)}
+    # the other tasks' held-out prompts stay held out from pref (and so from joint models)
+    held_out = {p for s in ("seen", "unseen") for p, _ in comp.prompts(s, 0)}
+    held_out |= {p for p, _ in skin.prompts("occupations", 0)}
+    for split in ("train", "test"):
+        items = pref.prompts(split, 0)
+        assert not {p for p, _ in items} & held_out
+        assert not {tuple(o) for _, m in items for o in m.get("objects", ())} & set(tw.UNSEEN_OBJECTS)
+        assert {len(m.get("objects", ())) for _, m in items} == {0, 1, 2}  # portraits, one and two objects
 
     items = comp.prompts("unseen", 0)[:4]
     scenes = [objects_scene(m["objects"]) for _, m in items]
