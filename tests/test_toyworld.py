@@ -245,7 +245,7 @@ def test_toy_world_keeps_the_weight_free_rewards_and_rejects_unknown_names():
 SHORT_RUNS = {  # task: (extra train.py flags, held-out prompt set)
     "skin": (["--group-size", "16", "--iterations", "5"], "skin/occupations"),
     "comp": (["--iterations", "10"], "comp/unseen"),
-    "pref": (["--iterations", "10"], "pref/test"),
+    "pref": (["--iterations", "20"], "pref/test"),
 }
 
 
