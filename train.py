@@ -225,16 +225,16 @@ def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
     (v instead of eps for v-prediction models)."""
     rng = np.random.default_rng(seed)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    batch, arrays = [], []
+    captions, arrays = [], []
     for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False):
         path, caption = data[i]
         try:
             with Image.open(path) as image:
                 arrays.append(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
-            batch.append((path, caption))
+            captions.append(caption)
         except (OSError, ValueError) as error:  # scraped data has broken files: one must not end a run
             warnings.warn(f"--pretrain-data: left out the unreadable {path} ({error})", stacklevel=2)
-    if not batch:
+    if not captions:
         raise ValueError(
             f"--pretrain-data: none of the {min(len(data), batch_size)} drawn images could be read"
         )
@@ -244,10 +244,10 @@ def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
     with torch.no_grad():
         latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.sample(generator)
         latents = latents.float() * pipe.vae.config.scaling_factor
-        prompt_embeds, _ = sampler.encode_prompts(pipe, [caption for _, caption in batch])
+        prompt_embeds, _ = sampler.encode_prompts(pipe, captions)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(
-        0, pipe.scheduler.config.num_train_timesteps, (len(batch),), generator=generator
+        0, pipe.scheduler.config.num_train_timesteps, (len(captions),), generator=generator
     )
     timesteps = timesteps.to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
@@ -461,7 +461,7 @@ def main(args: Args):
                 f"{args.out} holds checkpoints of an earlier run: continue it with --resume latest, "
                 "or pass another --out (or delete the folder)"
             )
-    if args.resume:
+    else:
         path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
         check_resumable(path, args, world, master)
         state = torch.load(os.path.join(path, "train_state.pt"), map_location=device, weights_only=True)
