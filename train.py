@@ -220,11 +220,10 @@ def load_pretrain_data(folder: str) -> list[tuple[str, str]]:
     return [(os.path.join(folder, row["file_name"]), row["text"]) for row in rows]
 
 
-def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
-    """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
-    (v instead of eps for v-prediction models)."""
+def read_pretrain_images(data, batch_size: int, size: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
+    """(captions, HxWx3 float arrays) of batch_size drawn pairs; an unreadable file is left out with a
+    warning (scraped data has broken files: one must not end a run)."""
     rng = np.random.default_rng(seed)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     captions, arrays = [], []
     for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False):
         path, caption = data[i]
@@ -232,12 +231,14 @@ def pretrain_loss(pipe, unet, data, batch_size: int, seed: int) -> torch.Tensor:
             with Image.open(path) as image:
                 arrays.append(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
             captions.append(caption)
-        except (OSError, ValueError) as error:  # scraped data has broken files: one must not end a run
+        except (OSError, ValueError) as error:
             warnings.warn(f"--pretrain-data: left out the unreadable {path} ({error})", stacklevel=2)
-    if not captions:
-        raise ValueError(
-            f"--pretrain-data: none of the {min(len(data), batch_size)} drawn images could be read"
-        )
+    return captions, arrays
+
+
+def pretrain_loss(pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int) -> torch.Tensor:
+    """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
+    (v instead of eps for v-prediction models)."""
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(seed)
@@ -658,10 +659,19 @@ def main(args: Args):
         #### PRETRAINING LOSS (L_pre), one step after the RL steps (Algorithm 1) ####
         if pretrain_data is not None:
             t0 = time.time()
+            seed = rank_seed(args.seed, iteration, len(tasks), rank)
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            captions, arrays = read_pretrain_images(pretrain_data, args.pretrain_batch_size, size, seed)
+            # decided together: a rank that raised alone would leave the others waiting in a collective
+            if all_mean(torch.tensor(float(not captions), device=device)).item() > 0:
+                raise ValueError(
+                    f"--pretrain-data: at iteration {iteration} some rank could read none of the "
+                    f"{min(len(pretrain_data), args.pretrain_batch_size)} images it drew (see the warnings); "
+                    "fix or remove the broken files, then continue with --resume latest"
+                )
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                seed = rank_seed(args.seed, iteration, len(tasks), rank)
-                loss = pretrain_loss(pipe, model, pretrain_data, args.pretrain_batch_size, seed)
+                loss = pretrain_loss(pipe, model, captions, arrays, seed)
             scaler.scale(args.pretrain_weight * loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -283,6 +284,33 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1])
     assert not torch.equal(unet_weights(os.path.join(out, "final"))["conv_in.weight"],
                            sampler_weights()["conv_in.weight"])  # fmt: skip
+
+
+def test_torchrun_ranks_stop_together_when_one_cannot_read_its_pretraining_images(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(data / "good.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    (data / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps({"file_name": name, "text": "a red square"}) + "\n"
+            for name in ["good.png", "broken.png"]
+        )
+    )
+    # at iteration 0 rank 0 draws the broken image and rank 1 the good one (their L_pre seeds, asserted):
+    # a rank that raised alone would leave the other waiting in the L_pre step's gradient all-reduce
+    draws = [np.random.default_rng(train.rank_seed(0, 0, 1, rank)).choice(2, size=1)[0] for rank in (0, 1)]
+    assert draws == [1, 0]
+    command = [*TORCHRUN, "train.py", *SMALL, "--rewards", "brightness", "--iterations", "1", "--out",
+               str(tmp_path / "run"), "--pretrain-data", str(data), "--pretrain-batch-size", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("some rank could read none of the 1 images it drew") >= 2, result.stderr[
+        -3000:
+    ]
 
 
 def test_global_advantages_use_every_rank(tmp_path):
