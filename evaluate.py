@@ -10,7 +10,8 @@ noise of every DDIM step. Each suite's reward scores them; the numbers are
 plus, per checkpoint and prompt set, the WIN RATE: the share of (prompt, seed) pairs whose checkpoint image
 gets a higher reward than the base image (ties count one half), with a 95% bootstrap interval over prompts -
 the automatic stand-in for the paper's human study (80.3%). Given a joint model and single-task specialists,
-Table 5 gives each metric's gain of the joint model as a percentage of its specialist's gain.
+Table 5 gives each metric's gain of the joint model as a percentage of its specialist's gain; given the
+runs of several seeds (--joint a,b,c --specialist skin=x,y,z), also that of their means.
 
 Outputs (images are cached: a second run only generates what is missing):
     OUT/results.json      every number, and per image its prompt, seed, file and reward
@@ -28,6 +29,8 @@ Commands:
         --checkpoint joint=runs/joint/final --checkpoint pref=runs/pref/final \
         --checkpoint skin=runs/skin/final --checkpoint comp=runs/comp/final \
         --joint joint --specialist pref=pref --specialist skin=skin --specialist comp=comp --out out/table5
+    # ... over seeds: label every seed's runs, list them in the same order (adds a row of the seed means)
+    #     --joint joint-s0,joint-s1 --specialist pref=pref-s0,pref-s1 --specialist skin=skin-s0,skin-s1 ...
     # the toy world, CPU, minutes
     python evaluate.py --model toy --checkpoint runs/toy/final --suites pref,skin,comp --out out/eval-toy
     # CPU smoke run: tiny random model, weight-free rewards, seconds
@@ -102,11 +105,14 @@ class Args:
     seed: int = option(0, "image k of a prompt set has seed SEED + k; also orders prompts and the A/B page")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     mixed_precision: str = option("no", "pipeline dtype", choices=["no", "fp16", "bf16"])
-    joint: str | None = option(None, "Table 5: label of the jointly trained checkpoint")
+    joint: str | None = option(
+        None,
+        "Table 5: label of the jointly trained checkpoint, or comma-separated labels of several seeds' runs",
+    )
     specialist: list[str] = option(
         None,
-        "Table 5: SUITE=LABEL, the single-task checkpoint of SUITE (repeatable); by default read "
-        "from the checkpoints' args.json",
+        "Table 5: SUITE=LABEL, the single-task checkpoint of SUITE (repeatable; with several --joint runs, "
+        "one label per run in the same order: SUITE=L1,L2); by default read from the checkpoints' args.json",
         action="append",
     )
     grids: int = option(20, "grid PNGs per prompt set (the first prompts)")
@@ -162,12 +168,25 @@ def parse_args(argv=None) -> Args:
         if name not in rewards.TASKS:
             known = ", ".join(sorted(rewards.TASKS))
             parser.error(f"unknown reward {name!r} in --pref-rewards; known rewards: {known}")
+    if args.joint is not None and not all(args.joint.split(",")):
+        parser.error(f"--joint {args.joint!r} must be a --checkpoint label, or several separated by commas")
+    runs = len(args.joint.split(",")) if args.joint else None
+    if runs is not None and runs > 1 and not args.specialist:
+        parser.error(
+            f"--joint {args.joint!r} names {runs} runs: name each suite's specialists the same way, one per "
+            "run in the same order, e.g. --specialist skin=skin-s0,skin-s1"
+        )
     for spec in args.specialist:
-        suite_name, _, label = spec.partition("=")
-        if not suite_name or not label:
+        suite_name, _, labels = spec.partition("=")
+        if not suite_name or not all(labels.split(",")):
             parser.error(
                 f"--specialist {spec!r} must be SUITE=LABEL: a suite of --suites and the --checkpoint label "
                 "of its single-task checkpoint, e.g. --specialist skin=skin"
+            )
+        if runs is not None and len(labels.split(",")) != runs:
+            parser.error(
+                f"--specialist {spec!r} names {len(labels.split(','))} run(s) but --joint {args.joint!r} "
+                f"names {runs}: give one specialist label per joint run, in the same order (seed by seed)"
             )
     if args.pref_prompts and sampler.is_toy_model(args.model):
         parser.error(
@@ -459,51 +478,67 @@ def joint_gain_percent(base: float, joint: float, specialist: float, lower_is_be
     return 100.0 * sign * (joint - base) / specialist_gain
 
 
-def table5_roles(args: Args, checkpoints: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-    """(joint label, {suite: specialist label}) from --joint / --specialist, else from the checkpoints'
-    args.json: the one checkpoint trained on several evaluated rewards is the joint model, and a checkpoint
-    trained on one of them alone is that reward's specialist. (None, {}) when there is no Table 5."""
+def table5_roles(args: Args, checkpoints: dict[str, str]) -> tuple[list[str], dict[str, list[str]]]:
+    """([joint label per run], {suite: [specialist label per run]}) from --joint / --specialist, else one run
+    from the checkpoints' args.json: the one checkpoint trained on several evaluated rewards is the joint
+    model, and a checkpoint trained on one of them alone is that reward's specialist. Several runs are
+    seeds: run i's joint model is compared with run i's specialists. ([], {}) when there is no Table 5."""
     evaluated = set(suite_names(args))
     trained = {label: set(trained_rewards(path)) & evaluated for label, path in checkpoints.items()}
-    joint = args.joint
-    if joint is None:
+    if args.joint is not None:
+        joint = args.joint.split(",")
+    else:
         several = [label for label, tasks in trained.items() if len(tasks) > 1]
-        joint = several[0] if len(several) == 1 else None
-    specialists = dict(spec.split("=", 1) for spec in args.specialist)
-    if joint is not None and not specialists:
+        joint = several[:1] if len(several) == 1 else []
+    specialists = {}
+    for spec in args.specialist:
+        suite_name, _, labels = spec.partition("=")
+        specialists[suite_name] = labels.split(",")
+    if joint and not specialists:
         for label, tasks in trained.items():
-            if len(tasks) == 1 and label != joint:
-                specialists.setdefault(next(iter(tasks)), label)
-    for label in [joint, *specialists.values()]:
-        if label is not None and label not in checkpoints:
+            if len(tasks) == 1 and label not in joint:
+                specialists.setdefault(next(iter(tasks)), [label])
+    for label in [*joint, *(label for labels in specialists.values() for label in labels)]:
+        if label not in checkpoints:
             raise ValueError(f"Table 5 label {label!r} is not a checkpoint; labels: {', '.join(checkpoints)}")
     for suite_name in specialists:
         if suite_name not in evaluated:
             raise ValueError(f"--specialist {suite_name}=... names a suite not in --suites {args.suites}")
-    return (joint, specialists) if joint is not None and specialists else (None, {})
+    return (joint, specialists) if joint and specialists else ([], {})
 
 
-def table5(results: dict, joint: str, specialists: dict[str, str]) -> list[dict]:
-    """One row per metric of a specialist's suite: every model's value and the joint-as-%-of-specialist."""
+def table5(results: dict, joint: list[str], specialists: dict[str, list[str]]) -> list[dict]:
+    """One row per metric of a specialist's suite: every model's value, each run's joint-as-%-of-specialist
+    and, for several runs (seeds), the same for the mean of the joint models over the mean of the
+    specialists (the means average a seed's noise down; a ratio of two noisy gains does not)."""
     rows = []
     for set_name, result in results["sets"].items():
         if result["suite"] not in specialists:
             continue
-        specialist = specialists[result["suite"]]
+        runs = list(zip(joint, specialists[result["suite"]], strict=True))
         for scored in result["scores"].values():
             value = {label: v["mean"] for label, v in scored["value"].items()}
-            rows.append(
-                {
-                    "set": set_name,
-                    "metric": scored["metric"],
-                    "lower_is_better": scored["lower_is_better"],
-                    "specialist": specialist,
-                    "value": value,
-                    "joint_percent": joint_gain_percent(
-                        value["base"], value[joint], value[specialist], scored["lower_is_better"]
-                    ),
+            lower = scored["lower_is_better"]
+            row = {
+                "set": set_name,
+                "metric": scored["metric"],
+                "lower_is_better": lower,
+                "joint": joint,
+                "specialist": specialists[result["suite"]],
+                "value": value,
+                "joint_percent": [
+                    joint_gain_percent(value["base"], value[j], value[sp], lower) for j, sp in runs
+                ],
+            }
+            if len(runs) > 1:
+                joint_mean = float(np.mean([value[j] for j, _ in runs]))
+                specialist_mean = float(np.mean([value[sp] for _, sp in runs]))
+                row["mean"] = {
+                    "joint": joint_mean,
+                    "specialist": specialist_mean,
+                    "joint_percent": joint_gain_percent(value["base"], joint_mean, specialist_mean, lower),
                 }
-            )
+            rows.append(row)
     return rows
 
 
@@ -571,9 +606,9 @@ def evaluate(args: Args) -> dict:
             args, ps, {label: f[ps.name] for label, f in files.items()}, scorers
         )
     results["table5"] = (
-        None
-        if joint is None
-        else {"joint": joint, "specialists": specialists, "rows": table5(results, joint, specialists)}
+        {"joint": joint, "specialists": specialists, "rows": table5(results, joint, specialists)}
+        if joint
+        else None
     )
     return results
 
@@ -679,17 +714,33 @@ def markdown_report(results: dict) -> str:
     if results["table5"] is not None:
         t5 = results["table5"]
         rows = t5["rows"]
-        models = ["base", *dict.fromkeys(r["specialist"] for r in rows), t5["joint"]]
+        several = len(t5["joint"]) > 1
+        models = ["base", *dict.fromkeys(label for r in rows for label in r["specialist"]), *t5["joint"]]
+
+        def percent(value, specialist):
+            return "n/a" if value is None else f"{value:.0f}% of {specialist}"
+
         lines += [
             "## Joint training (paper Table 5)",
             "",
-            f"Joint model `{t5['joint']}`; specialists: "
-            + ", ".join(f"{suite} `{label}`" for suite, label in t5["specialists"].items())
+            ("Joint models (one per run) " if several else "Joint model ")
+            + ", ".join(f"`{label}`" for label in t5["joint"])
+            + "; specialists: "
+            + "; ".join(
+                f"{suite} " + ", ".join(f"`{label}`" for label in labels)
+                for suite, labels in t5["specialists"].items()
+            )
             + ". "
-            "The last row is the joint model's gain over base as a percentage of the specialist's gain on "
-            "that metric: 100 * (joint - base) / (specialist - base); for SP (lower is better) both gains "
-            "are reductions, so the formula is unchanged and 100% means the joint model lowers SP as much "
-            "as its specialist. n/a: the specialist did not improve on base.",
+            "The '% of specialist gain' rows give the joint model's gain over base as a percentage of the "
+            "specialist's gain on that metric: 100 * (joint - base) / (specialist - base); for SP (lower is "
+            "better) both gains are reductions, so the formula is unchanged and 100% means the joint model "
+            "lowers SP as much as its specialist. n/a: the specialist did not improve on base."
+            + (
+                " Run i's joint model is compared with run i's specialists; the last rows compare the mean "
+                "of the joint models with the mean of the specialists (no interval: the runs are few)."
+                if several
+                else ""
+            ),
             "",
             "| model | "
             + " | ".join(
@@ -701,14 +752,25 @@ def markdown_report(results: dict) -> str:
         ]
         for label in models:
             lines.append(f"| {label} | " + " | ".join(f"{r['value'][label]:.3f}" for r in rows) + " |")
-        lines.append(
-            "| joint, % of specialist gain | "
-            + " | ".join(
-                "n/a" if r["joint_percent"] is None else f"{r['joint_percent']:.0f}% of {r['specialist']}"
-                for r in rows
+        for i, joint in enumerate(t5["joint"]):
+            lines.append(
+                f"| {joint if several else 'joint'}, % of specialist gain | "
+                + " | ".join(percent(r["joint_percent"][i], r["specialist"][i]) for r in rows)
+                + " |"
             )
-            + " |"
-        )
+        if several:
+            n = len(t5["joint"])
+            lines += [
+                f"| mean of the {n} specialists | "
+                + " | ".join(f"{r['mean']['specialist']:.3f}" for r in rows)
+                + " |",
+                f"| mean of the {n} joint models | "
+                + " | ".join(f"{r['mean']['joint']:.3f}" for r in rows)
+                + " |",
+                "| mean joint, % of mean specialist gain | "
+                + " | ".join(percent(r["mean"]["joint_percent"], "the mean") for r in rows)
+                + " |",
+            ]
         lines.append("")
     return "\n".join(lines)
 

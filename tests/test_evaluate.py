@@ -99,15 +99,20 @@ def test_checkpoint_labels_and_table5_roles_from_args_json(tmp_path):
 
     args = evaluate.parse_args(["--suites", "brightness,color"])
     assert evaluate.table5_roles(args, checkpoints) == (
-        "joint/final",
-        {"brightness": "b/final", "color": "col"},
+        ["joint/final"],
+        {"brightness": ["b/final"], "color": ["col"]},
     )
     args = evaluate.parse_args(
         ["--suites", "brightness,color", "--joint", "col", "--specialist", "color=b/final"]
     )
-    assert evaluate.table5_roles(args, checkpoints) == ("col", {"color": "b/final"})
+    assert evaluate.table5_roles(args, checkpoints) == (["col"], {"color": ["b/final"]})
     args = evaluate.parse_args(["--suites", "brightness"])  # one evaluated reward: no joint model
-    assert evaluate.table5_roles(args, checkpoints) == (None, {})
+    assert evaluate.table5_roles(args, checkpoints) == ([], {})
+    # several seeds' runs: run i's joint model against run i's specialists
+    args = evaluate.parse_args(
+        ["--suites", "brightness,color", "--joint", "joint/final,col", "--specialist", "color=b/final,col"]
+    )
+    assert evaluate.table5_roles(args, checkpoints) == (["joint/final", "col"], {"color": ["b/final", "col"]})
 
 
 def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys):
@@ -120,6 +125,13 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys):
         (["--pref-rewards", " , "], "--pref-rewards needs at least one reward"),
         (["--specialist", "skin"], "--specialist 'skin' must be SUITE=LABEL"),
         (["--specialist", "skin="], "must be SUITE=LABEL"),
+        (["--specialist", "skin=a,"], "must be SUITE=LABEL"),
+        (["--joint", "j0,"], "--joint 'j0,' must be a --checkpoint label"),
+        (["--joint", "j0,j1"], "--joint 'j0,j1' names 2 runs: name each suite's specialists the same way"),
+        (
+            ["--joint", "j0,j1", "--specialist", "skin=s0"],
+            "--specialist 'skin=s0' names 1 run(s) but --joint 'j0,j1' names 2",
+        ),
         (["--resamples", "0"], "--resamples must be >= 1"),
         (
             ["--model", "toy", "--pref-prompts", "parti=parti.txt"],
@@ -267,8 +279,40 @@ def test_results_match_a_recomputation_from_the_images(run):
     assert set(rows) == {"brightness/test", "color/test"}
     v = rows["brightness/test"]["value"]
     expected = evaluate.joint_gain_percent(v["base"], v["joint"], v["bright"], lower_is_better=False)
-    assert rows["brightness/test"]["joint_percent"] == expected
-    assert rows["color/test"]["lower_is_better"] and rows["color/test"]["specialist"] == "same"
+    assert rows["brightness/test"]["joint_percent"] == [expected]
+    assert rows["color/test"]["lower_is_better"] and rows["color/test"]["specialist"] == ["same"]
+    assert "mean" not in rows["color/test"]  # one run: no seed means
+
+
+def test_table5_over_several_runs_compares_run_by_run_and_the_means(run):
+    """Two "seeds" from the fixture's models: run 0 is (joint, bright), run 1 is (same, joint)."""
+    results = load_results(run["out"])
+    rows = evaluate.table5(results, ["joint", "same"], {"brightness": ["bright", "joint"]})
+    assert [row["set"] for row in rows] == ["brightness/test"]
+    row = rows[0]
+    v = row["value"]
+    assert row["joint_percent"] == [
+        evaluate.joint_gain_percent(v["base"], v["joint"], v["bright"], False),
+        evaluate.joint_gain_percent(v["base"], v["same"], v["joint"], False),
+    ]
+    joint_mean, specialist_mean = (v["joint"] + v["same"]) / 2, (v["bright"] + v["joint"]) / 2
+    assert row["mean"]["joint"] == pytest.approx(joint_mean)
+    assert row["mean"]["specialist"] == pytest.approx(specialist_mean)
+    assert row["mean"]["joint_percent"] == evaluate.joint_gain_percent(
+        v["base"], row["mean"]["joint"], row["mean"]["specialist"], False
+    )
+    results["table5"] = {"joint": ["joint", "same"], "specialists": {"brightness": ["bright", "joint"]},
+                         "rows": rows}  # fmt: skip
+    report = evaluate.markdown_report(results)
+    for text in [
+        "Joint models (one per run) `joint`, `same`; specialists: brightness `bright`, `joint`.",
+        "| joint, % of specialist gain | ",
+        "| same, % of specialist gain | ",
+        f"| mean of the 2 specialists | {specialist_mean:.3f} |",
+        f"| mean of the 2 joint models | {joint_mean:.3f} |",
+        "| mean joint, % of mean specialist gain | ",
+    ]:
+        assert text in report, text
 
 
 def test_paired_images_share_their_seed(run):
