@@ -252,7 +252,9 @@ def load_skin(device) -> RewardFn:
 
 
 def detection_scores(model, processor, images, objects: list[list[str]], device, batch_size: int = 4):
-    """Highest OWLv2 confidence of each object anywhere in its image: list of (K_i,) tensors."""
+    """Highest OWLv2 confidence of each object in its image: list of (K_i,) tensors. Each box counts for
+    the one prompt object it matches best (as a detector labels a box once), so a single box, say a
+    cat-dog hybrid, cannot stand for both objects of "a cat and a dog": the objects must all be drawn."""
     arrays, scores = to_uint8_arrays(images), []
     with torch.no_grad():
         for part in chunks(len(arrays), batch_size):
@@ -260,9 +262,11 @@ def detection_scores(model, processor, images, objects: list[list[str]], device,
             inputs = processor(
                 text=queries, images=arrays[part], padding="max_length", truncation=True, return_tensors="pt"
             ).to(device)  # OWL's text encoder takes its fixed query length (16 tokens)
-            logits = model(**inputs).logits.float().cpu()  # (b, boxes, max queries)
-            best = logits.sigmoid().max(dim=1).values  # (b, max queries)
-            scores += [best[i, : len(names)] for i, names in enumerate(objects[part])]
+            probs = model(**inputs).logits.float().cpu().sigmoid()  # (b, boxes, max queries)
+            for i, names in enumerate(objects[part]):
+                p = probs[i, :, : len(names)]  # (boxes, K): the padding queries left out
+                own = p * torch.nn.functional.one_hot(p.argmax(1), len(names))  # a box's best object only
+                scores.append(own.max(0).values)  # (K,)
     return scores
 
 

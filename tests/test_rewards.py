@@ -4,6 +4,7 @@ from configs (the same scoring code as the real weights), and deterministic, lea
 import itertools
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -221,6 +222,42 @@ def test_comp_scores_match_owlv2_post_processing(tiny_owl):
     assert 0 < info["found_rate"] < 1
     with pytest.raises(ValueError, match="objects"):
         rewards.comp_reward(model, processor, "cpu")(images, [""] * 3, groups(0, 1, 2))
+
+
+def test_comp_one_box_counts_for_one_object_only(tiny_owl):
+    """OWLv2 scores every box against every query; a box counts only for the object it matches best."""
+
+    class Inputs(dict):
+        def to(self, device):
+            return self
+
+    class OneBox:  # one box: "cat" logit 3, "dog" logit 0, and a padding query
+        def __call__(self, **inputs):
+            return types.SimpleNamespace(logits=torch.tensor([[[3.0, 0.0, 5.0]]]))
+
+    def processor(**kwargs):
+        return Inputs()
+
+    (scores,) = rewards.detection_scores(OneBox(), processor, random_images(1), [["cat", "dog"]], "cpu")
+    assert scores.tolist() == pytest.approx([torch.sigmoid(torch.tensor(3.0)).item(), 0.0])
+    # with the tiny OWLv2: each object's score is its best over the boxes labelled with it
+    model, processor = tiny_owl
+    images = random_images(2)
+    objects = [["cat", "dog", "bus"], ["tree", "red apple"]]
+    scores = rewards.detection_scores(model, processor, images, objects, "cpu")
+    for image, names, got in zip(images, objects, scores, strict=True):
+        queries = [[f"a photo of {rewards.article(o)} {o}" for o in names]]
+        arrays = rewards.to_uint8_arrays(image[None])
+        inputs = processor(
+            text=queries, images=arrays, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            probs = model(**inputs).logits[0].sigmoid()  # (boxes, K)
+        label = probs.argmax(1)
+        expected = [
+            probs[label == k, k].max().item() if (label == k).any() else 0.0 for k in range(len(names))
+        ]
+        assert got.tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_comp_all_detected_is_the_share_of_images_with_every_object_found(monkeypatch):
