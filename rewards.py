@@ -188,12 +188,21 @@ def imagereward_reward(model, device) -> RewardFn:
 
 
 def require_imagereward():
+    """Fails when the task is built, not after the first sampling pass: the package must import."""
     if importlib.util.find_spec("ImageReward") is None:
         raise ImportError(
             "the imagereward reward needs the optional package image-reward: `pip install image-reward` "
             "(it pins timm==0.6.13 and fairscale, so a separate venv is safest), "
             "or use the pref reward (PickScore)"
         )
+    try:
+        import ImageReward  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"the imagereward reward's package image-reward is installed but does not import ({error}). "
+            "image-reward 1.5 imports helpers that transformers 5 removed, and this project needs "
+            "transformers >= 5: use the pref reward (PickScore) instead (README, 'Rewards')"
+        ) from error
 
 
 def load_imagereward(device) -> RewardFn:

@@ -307,6 +307,14 @@ def test_imagereward_without_package_says_how_to_install():
         rewards.get_task("imagereward")
 
 
+def test_imagereward_that_does_not_import_fails_when_the_task_is_built(monkeypatch):
+    # image-reward 1.5 under transformers 5: found, but its import raises (here: forced by sys.modules)
+    monkeypatch.setattr(rewards.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    with pytest.raises(ImportError, match="installed but does not import .*use the pref reward"):
+        rewards.get_task("imagereward")
+
+
 def test_models_load_lazily_once():
     calls = []
 
