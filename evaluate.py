@@ -592,14 +592,15 @@ def evaluate(args: Args) -> dict:
             )
     joint, specialists = table5_roles(args, checkpoints)
     prompt_sets = build_prompt_sets(args)
+    # built before generation (their models load on first use), so a scorer that cannot work stops us here
+    names = dict.fromkeys(name for ps in prompt_sets for name in scorers_of(args, ps.suite))
+    scorers = {name: rewards.get_task(name, args.device, world_of(args, name)) for name in names}
 
     #### GENERATION ####
     models = {"base": None, **checkpoints}
     files = {label: generate_images(args, label, path, prompt_sets) for label, path in models.items()}
 
     #### SCORING ####
-    names = dict.fromkeys(name for ps in prompt_sets for name in scorers_of(args, ps.suite))
-    scorers = {name: rewards.get_task(name, args.device, world_of(args, name)) for name in names}
     results = {"settings": asdict(args), "checkpoints": checkpoints, "sets": {}}
     for ps in prompt_sets:
         results["sets"][ps.name] = score_prompt_set(

@@ -4,6 +4,7 @@ rewards whose results.json is recomputed from its images, and the A/B page click
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -115,7 +116,7 @@ def test_checkpoint_labels_and_table5_roles_from_args_json(tmp_path):
     assert evaluate.table5_roles(args, checkpoints) == (["joint/final", "col"], {"color": ["b/final", "col"]})
 
 
-def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys):
+def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, monkeypatch):
     """Refused by parse_args, before a model is loaded or an image generated, each saying what to change."""
     cases = [
         (
@@ -156,6 +157,14 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys):
         ["--model", "toy", "--suites", "brightness", "--prompt-file", str(tmp_path / "prompts.txt")]
     )
     assert {p for ps in evaluate.build_prompt_sets(args) for p in ps.prompts} <= set(lines)
+    # a scorer that cannot work (image-reward that does not import) stops the run before any generation
+    monkeypatch.setattr(rewards.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    monkeypatch.setattr(evaluate, "generate_images", lambda *a: pytest.fail("generated before the check"))
+    args = evaluate.parse_args(["--suites", "pref", "--pref-rewards", "imagereward", "--prompt-file",
+                                str(tmp_path / "prompts.txt")])  # fmt: skip
+    with pytest.raises(ImportError, match="installed but does not import"):
+        evaluate.evaluate(args)
 
 
 def test_tally_of_two_raters(tmp_path, capsys):
