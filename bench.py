@@ -39,7 +39,7 @@ import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# The paper's run (PAPER.md section 3): SD2 base at 512x512, 2048 samples per iteration, about 1000
+# The paper's run: SD2 base at 512x512, 2048 samples per iteration, about 1000
 # iterations, 50 DDIM steps with CFG, 5 trained steps, gradient checkpointing; 12.1 h on 128 A100s.
 PAPER_SAMPLES, PAPER_ITERATIONS, PAPER_STEPS, PAPER_TRAINED = 2048, 1000, 50, 5
 PAPER_A100_HOURS = 12.1 * 128

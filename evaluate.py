@@ -32,7 +32,7 @@ Commands:
     # ... over seeds: label every seed's runs, list them in the same order (adds a row of the seed means)
     #     --joint joint-s0,joint-s1 --specialist pref=pref-s0,pref-s1 --specialist skin=skin-s0,skin-s1 ...
     # the toy world, CPU, minutes
-    python evaluate.py --model toy --checkpoint runs/toy/final --suites pref,skin,comp --out out/eval-toy
+    python evaluate.py --model toy --checkpoint runs/toy/pref/final --suites pref,skin,comp --out out/eval-toy
     # CPU smoke run: tiny random model, weight-free rewards, seconds
     python evaluate.py --model tiny --checkpoint runs/tiny/final --suites brightness,jpeg,color \
         --num-steps 4 --max-prompts 4 --parity-images 4 --out out/eval-tiny

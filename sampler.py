@@ -61,7 +61,7 @@ def ddim_step_with_logprob(
     scheduler: a DDIMScheduler after `set_timesteps`. timestep: int, 0-d or (B,) tensor.
     prev_sample: when given, the action whose log-prob is wanted (training); when None it is drawn.
     Returns prev_sample in `sample`'s dtype and log_prob (B,) in float32, averaged over the
-    non-batch dimensions (a sum over 4x64x64 dims would overflow exp(new - old); PAPER.md section 1).
+    non-batch dimensions, as the authors' code does (a sum over 4x64x64 dims would overflow exp(new - old)).
     A step with sigma_t = 0 (eta = 0) is deterministic: it has no density, carries no policy
     gradient, and its log_prob is reported as 0.
     """

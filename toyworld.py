@@ -19,7 +19,7 @@ The toy model is a Stable Diffusion pipeline in miniature (CLIP tokenizer and te
 autoencoder, DDIM scheduler) so sampler.py and train.py run on it unchanged. Commands:
 
     python toyworld.py pretrain --out data/toy-model --seed 0    # the committed weights: ~30 min, 1 CPU core
-    python toyworld.py export --out data/toy-pretrain --n 2000    # PNGs + metadata.jsonl for --pretrain-data
+    python toyworld.py export --out runs/toy-pretrain --n 2000    # PNGs + metadata.jsonl for --pretrain-data
     python toyworld.py report --model data/toy-model --out runs/toy-report   # base-model numbers + grid
 """
 

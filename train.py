@@ -1,11 +1,11 @@
 """Algorithm 1 of Zhang et al. 2024: clipped policy-gradient RL of a text-to-image diffusion model on
 several rewards jointly, with an optional pretraining loss, from one CPU process to many GPUs.
 
-    python train.py --model tiny --rewards brightness --iterations 4         # smoke run, no download
+    python train.py --model tiny --rewards brightness --iterations 4 --out runs/tiny  # smoke run, no download
     torchrun --standalone --nproc_per_node=8 train.py --model stabilityai/stable-diffusion-2-base \\
         --rewards pref,skin,comp --group-size 16 --mixed-precision bf16 --gradient-checkpointing
 
-Each iteration visits every task in turn (PAPER.md section 5):
+Each iteration visits every task in turn (the paper's Algorithm 1):
     1. SAMPLING   this rank's prompts -> stochastic DDIM trajectories with per-step log-probs (no grad)
     2. REWARDS    score, gather over all ranks, batch-level advantages A = (r - mean) / (std + 1e-7)
     3. TRAINING   K random DDIM steps; for each, one optimizer step of the clipped surrogate
@@ -186,7 +186,7 @@ def group_size(task, args: Args) -> int:
     return args.group_size if task.minibatch else args.images_per_prompt
 
 
-#### Advantages (PAPER.md section 2) ####
+#### Advantages: batch-level, not per prompt, as the paper ####
 
 
 def compute_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Args) -> torch.Tensor:
@@ -556,7 +556,7 @@ def main(args: Args):
             advantages = advantages[rank * args.batch_size : (rank + 1) * args.batch_size].to(device)  # (B,)
             t2 = time.time()
 
-            #### TRAINING: one optimizer step per drawn DDIM step (PAPER.md section 2) ####
+            #### TRAINING: one optimizer step per drawn DDIM step (the paper's Algorithm 1) ####
             # The UNet stays in eval mode (it has no dropout): sampling and training compute the same
             # function, so w = 1 exactly at the first trained step.
             step_order = np.random.default_rng([args.seed, iteration, task_index])
