@@ -310,6 +310,7 @@ def latest_checkpoint(out: str) -> str:
 # What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
 RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
                 "train_timesteps", "inner_epochs", "lora_rank", "prompt_file")  # fmt: skip
+BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with")
 
 
 def check_resumable(path: str, args: Args, world: int, master: bool = True):
@@ -328,6 +329,13 @@ def check_resumable(path: str, args: Args, world: int, master: bool = True):
             f"--resume {path}: the checkpoint was made with other settings ({'; '.join(changed)}); "
             "resume with the checkpoint's values (its args.json), or start a new run in another --out"
         )
+    tuned = [
+        f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}"
+        for name, value in dataclasses.asdict(args).items()
+        if name not in RUN_DEFINING + BOOKKEEPING and name in saved and saved[name] != value
+    ]
+    if tuned and master:  # allowed (say, a lower learning rate from here on), but said
+        warnings.warn(f"--resume {path}: continuing with changed settings: {'; '.join(tuned)}", stacklevel=2)
     if saved.get("world_size", world) != world and master:
         warnings.warn(
             f"--resume {path}: {saved['world_size']} ranks made the checkpoint, {world} continue it; the "
@@ -470,7 +478,9 @@ def main(args: Args):
             sampler.load_checkpoint_weights(pipe, path)
         else:
             sampler.load_lora_weights(unet, os.path.join(path, "lora"))
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # this also restores the checkpoint's lr ...
+        for group in optimizer.param_groups:  # ... so this run's --lr and --weight-decay go back in
+            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
         scaler.load_state_dict(state["scaler"])
         start = state["iteration"]
 

@@ -146,6 +146,17 @@ def test_resume_continues_exactly(tmp_path):
     )
 
 
+def test_resume_with_another_learning_rate_uses_it_and_says_so(tmp_path):
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "1")
+    with pytest.warns(UserWarning, match=r"continuing with changed settings: --lr 0.001 -> 0.0002"):
+        train.main(train.parse_args([*SMALL, "--out", out, "--rewards", "brightness", "--iterations", "2",
+                                     "--resume", "latest", "--lr", "2e-4"]))  # fmt: skip
+    state = torch.load(os.path.join(out, "final", "train_state.pt"), weights_only=True)
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [
+        2e-4
+    ]  # not the checkpoint's 1e-3
+
+
 def test_checkpoints_are_complete_and_leave_no_temporary_folder(tmp_path):
     out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--save-every", "1")
     assert sorted(os.listdir(out)) == ["args.json", "checkpoint-1", "checkpoint-2", "final", "metrics.jsonl"]
