@@ -501,9 +501,14 @@ def table5_roles(args: Args, checkpoints: dict[str, str]) -> tuple[list[str], di
     for label in [*joint, *(label for labels in specialists.values() for label in labels)]:
         if label not in checkpoints:
             raise ValueError(f"Table 5 label {label!r} is not a checkpoint; labels: {', '.join(checkpoints)}")
-    for suite_name in specialists:
+    for suite_name, labels in specialists.items():
         if suite_name not in evaluated:
             raise ValueError(f"--specialist {suite_name}=... names a suite not in --suites {args.suites}")
+        if joint and len(labels) != len(joint):
+            raise ValueError(
+                f"--specialist {suite_name}=... names {len(labels)} runs but the joint model(s) {joint} are "
+                f"{len(joint)}: pass --joint with one label per run"
+            )
     return (joint, specialists) if joint and specialists else ([], {})
 
 

@@ -114,6 +114,11 @@ def test_checkpoint_labels_and_table5_roles_from_args_json(tmp_path):
         ["--suites", "brightness,color", "--joint", "joint/final,col", "--specialist", "color=b/final,col"]
     )
     assert evaluate.table5_roles(args, checkpoints) == (["joint/final", "col"], {"color": ["b/final", "col"]})
+    args = evaluate.parse_args(["--suites", "brightness,color", "--specialist", "color=b/final,col"])
+    with pytest.raises(
+        ValueError, match="names 2 runs but the joint model"
+    ):  # one joint model, read from args.json
+        evaluate.table5_roles(args, checkpoints)
 
 
 def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, monkeypatch):
