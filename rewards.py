@@ -199,9 +199,9 @@ def require_imagereward():
         import ImageReward  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            f"the imagereward reward's package image-reward is installed but does not import ({error}). "
-            "image-reward 1.5 imports helpers that transformers 5 removed, and this project needs "
-            "transformers >= 5: use the pref reward (PickScore) instead (README, 'Rewards')"
+            f"the imagereward reward's package image-reward is installed but does not import ({error}); "
+            "image-reward 1.5, the latest, imports helpers that transformers 5 removed, and this project "
+            "needs transformers >= 5: use the pref reward (PickScore) instead (README, 'Rewards')"
         ) from error
 
 

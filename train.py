@@ -186,7 +186,7 @@ def group_size(task, args: Args) -> int:
     return args.group_size if task.minibatch else args.images_per_prompt
 
 
-#### Advantages: batch-level, not per prompt, as the paper ####
+#### Advantages: batch-level as the paper, or per prompt as DDPO ####
 
 
 def compute_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Args) -> torch.Tensor:
