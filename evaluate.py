@@ -178,14 +178,15 @@ def parse_args(argv=None) -> Args:
         )
     for spec in args.specialist:
         suite_name, _, labels = spec.partition("=")
-        if not suite_name or not all(labels.split(",")):
+        labels = labels.split(",")
+        if not suite_name or not all(labels):
             parser.error(
                 f"--specialist {spec!r} must be SUITE=LABEL: a suite of --suites and the --checkpoint label "
                 "of its single-task checkpoint, e.g. --specialist skin=skin"
             )
-        if runs is not None and len(labels.split(",")) != runs:
+        if runs is not None and len(labels) != runs:
             parser.error(
-                f"--specialist {spec!r} names {len(labels.split(','))} run(s) but --joint {args.joint!r} "
+                f"--specialist {spec!r} names {len(labels)} run(s) but --joint {args.joint!r} "
                 f"names {runs}: give one specialist label per joint run, in the same order (seed by seed)"
             )
     if args.pref_prompts and sampler.is_toy_model(args.model):
