@@ -108,9 +108,11 @@ def caption(scene: dict) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} {scene['relation']} {names[1]}"
 
 
-def sample_scene(rng: np.random.Generator) -> dict:
-    """One scene of the biased pretraining distribution (without positions, drawn at render time)."""
-    kind = rng.choice(list(SCENE_MIX), p=list(SCENE_MIX.values()))
+def sample_scene(rng: np.random.Generator, two_objects: float = SCENE_MIX["two"]) -> dict:
+    """One scene of the biased pretraining distribution (without positions, drawn at render time);
+    `two_objects` is the share of two-object scenes, taken from or given to one-object scenes."""
+    one = SCENE_MIX["one"] + (SCENE_MIX["two"] - two_objects)
+    kind = rng.choice(list(SCENE_MIX), p=[one, two_objects, SCENE_MIX["figure"]])
     fade = float(rng.uniform(*FADE_RANGE)) if rng.random() < FADE_PROB else 0.0
     if kind == "figure":
         return {
@@ -166,10 +168,10 @@ def render(scene: dict, rng: np.random.Generator) -> np.ndarray:
     return image + scene["fade"] * (np.array(BACKGROUND, np.float32) - image)
 
 
-def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+def make_dataset(n: int, seed: int, two_objects: float = SCENE_MIX["two"]) -> tuple[np.ndarray, list[str]]:
     """n pretraining pairs: uint8 images (n, 32, 32, 3) and their captions."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
+    scenes = [sample_scene(rng, two_objects) for _ in range(n)]
     images = np.stack([render(s, rng) for s in scenes])
     return (images * 255).round().astype(np.uint8), [caption(s) for s in scenes]
 
@@ -552,6 +554,8 @@ class PretrainArgs:
     """UNet widths at the 8x8 and 4x4 latent levels"""
     text_attention: str = "4x4"
     """UNet levels that attend to the text: 4x4, or all (8x8 as well)"""
+    two_objects: float = SCENE_MIX["two"]
+    """share of two-object scenes in the data (the rest of 55 % are one-object scenes)"""
 
 
 KL_WEIGHT = 1e-4  # per latent element, against the per-pixel MSE: keeps latents near N(0, 1) in scale
@@ -633,16 +637,18 @@ def train_diffusion(
 
 
 def pretrain(args: PretrainArgs) -> None:
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    generator = torch.Generator().manual_seed(args.seed)
     try:
         channels = tuple(int(c) for c in args.unet_channels.split(","))
     except ValueError:
         message = f"--unet-channels must be two integers such as 32,64, not {args.unet_channels!r}"
         raise ValueError(message) from None
+    if not 0 <= args.two_objects <= SCENE_MIX["one"] + SCENE_MIX["two"]:
+        raise ValueError(f"--two-objects must be a share between 0 and 0.55, not {args.two_objects}")
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    generator = torch.Generator().manual_seed(args.seed)
     pipe = build_pipeline(args.seed, channels, args.text_attention)
-    images, captions = make_dataset(args.num_images, args.seed)
+    images, captions = make_dataset(args.num_images, args.seed, args.two_objects)
     images = _to_tensor(images)
     print(f"rendered {len(images)} scenes in {time.time() - start:.0f} s")
 

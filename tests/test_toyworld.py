@@ -84,6 +84,13 @@ def test_pretraining_data_is_biased():
     assert kinds[1] > 1.5 * kinds[2] > 0
     tones = np.bincount([s["tone"] for s in scenes if s["kind"] == "figure"], minlength=4) / kinds["figure"]
     np.testing.assert_allclose(tones, tw.TONE_BIAS, atol=0.03)
+    # `pretrain --two-objects` moves scenes between one and two objects, leaving people as they are
+    rng = np.random.default_rng(0)
+    rarer = [tw.sample_scene(rng, two_objects=0.03) for _ in range(4000)]
+    assert abs(sum(len(s.get("objects", ())) == 2 for s in rarer) / 4000 - 0.03) < 0.01
+    assert abs(sum(s["kind"] == "figure" for s in rarer) / 4000 - tw.SCENE_MIX["figure"]) < 0.03
+    with pytest.raises(ValueError, match="--two-objects must be a share between 0 and 0.55"):
+        tw.pretrain(tw.PretrainArgs(out="unused", two_objects=0.6))
 
 
 def test_tasks_follow_the_rewards_contract():
