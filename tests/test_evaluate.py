@@ -114,10 +114,9 @@ def test_checkpoint_labels_and_table5_roles_from_args_json(tmp_path):
         ["--suites", "brightness,color", "--joint", "joint/final,col", "--specialist", "color=b/final,col"]
     )
     assert evaluate.table5_roles(args, checkpoints) == (["joint/final", "col"], {"color": ["b/final", "col"]})
+    # two specialist runs, but one joint model (read from args.json)
     args = evaluate.parse_args(["--suites", "brightness,color", "--specialist", "color=b/final,col"])
-    with pytest.raises(
-        ValueError, match="names 2 runs but the joint model"
-    ):  # one joint model, read from args.json
+    with pytest.raises(ValueError, match="names 2 runs but the joint model"):
         evaluate.table5_roles(args, checkpoints)
 
 

@@ -152,9 +152,8 @@ def test_resume_with_another_learning_rate_uses_it_and_says_so(tmp_path):
         train.main(train.parse_args([*SMALL, "--out", out, "--rewards", "brightness", "--iterations", "2",
                                      "--resume", "latest", "--lr", "2e-4"]))  # fmt: skip
     state = torch.load(os.path.join(out, "final", "train_state.pt"), weights_only=True)
-    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [
-        2e-4
-    ]  # not the checkpoint's 1e-3
+    lrs = [group["lr"] for group in state["optimizer"]["param_groups"]]
+    assert lrs == [2e-4], lrs  # not the checkpoint's 1e-3
 
 
 def test_checkpoints_are_complete_and_leave_no_temporary_folder(tmp_path):
