@@ -642,8 +642,9 @@ def pretrain(args: PretrainArgs) -> None:
     except ValueError:
         message = f"--unet-channels must be two integers such as 32,64, not {args.unet_channels!r}"
         raise ValueError(message) from None
-    if not 0 <= args.two_objects <= SCENE_MIX["one"] + SCENE_MIX["two"]:
-        raise ValueError(f"--two-objects must be a share between 0 and 0.55, not {args.two_objects}")
+    most = SCENE_MIX["one"] + SCENE_MIX["two"]  # every object scene a two-object one
+    if not 0 <= args.two_objects <= most:
+        raise ValueError(f"--two-objects must be a share between 0 and {most:g}, not {args.two_objects}")
     torch.set_num_threads(args.threads)
     start = time.time()
     generator = torch.Generator().manual_seed(args.seed)
