@@ -23,6 +23,7 @@ import os
 import resource
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -153,6 +154,19 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def exit_distributed():
+    """Destroy the process group and end the process at once, without running destructors.
+
+    With gloo (torch 2.13), freeing the process group joins its worker threads while the main thread holds
+    the GIL, and a worker still freeing a finished collective's tensors waits for that GIL: a rare hang at
+    exit, or an abort ("terminate called without an active exception"). README "Scaling out" has numbers.
+    """
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 #### Prompts: a deterministic stream, so that resuming needs only the position ####
@@ -359,24 +373,29 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8):
 
 
 def open_tracker(args: Args):
+    """(track, close): track(row) sends a metrics row to TensorBoard or W&B; close() flushes it."""
     if args.log_with == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
-        return lambda row: [
-            writer.add_scalar(f"{row['task']}/{k}", v, row["iteration"])
-            for k, v in row.items()
-            if isinstance(v, (int, float))
-        ]
+
+        def track(row):
+            for k, v in row.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"{row['task']}/{k}", v, row["iteration"])
+
+        return track, writer.close
     if args.log_with == "wandb":
         import wandb
 
         wandb.init(project="large-scale-rl-diffusion", config=dataclasses.asdict(args), dir=args.out)
-        return lambda row: wandb.log(
-            {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
-            step=row["iteration"],
-        )
-    return lambda row: None
+
+        def track(row):
+            scalars = {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
+            wandb.log(scalars, step=row["iteration"])
+
+        return track, wandb.finish
+    return lambda row: None, lambda: None
 
 
 def main(args: Args):
@@ -495,7 +514,7 @@ def main(args: Args):
                 kept = [line for line in lines if start and json.loads(line)["iteration"] < start]
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
-        track = open_tracker(args)
+        track, close_tracker = open_tracker(args)
     barrier()
 
     stop = torch.zeros(1)  # set by SIGTERM (cluster preemption): save and exit at the end of the iteration
@@ -716,8 +735,11 @@ def main(args: Args):
 
     if not stopping:
         save("final", args.iterations)
+    bar.close()
+    if master:
+        close_tracker()
     if ddp:
-        dist.destroy_process_group()
+        exit_distributed()  # every rank has saved and passed save()'s barrier: main() does not return
 
 
 if __name__ == "__main__":
