@@ -170,8 +170,8 @@ def parse_args(argv=None) -> Args:
             parser.error(f"unknown reward {name!r} in --pref-rewards; known rewards: {known}")
     if args.joint is not None and not all(args.joint.split(",")):
         parser.error(f"--joint {args.joint!r} must be a --checkpoint label, or several separated by commas")
-    runs = len(args.joint.split(",")) if args.joint else None
-    if runs is not None and runs > 1 and not args.specialist:
+    runs = len(args.joint.split(",")) if args.joint else 1  # without --joint: one run, its joint inferred
+    if runs > 1 and not args.specialist:
         parser.error(
             f"--joint {args.joint!r} names {runs} runs: name each suite's specialists the same way, one per "
             "run in the same order, e.g. --specialist skin=skin-s0,skin-s1"
@@ -184,10 +184,11 @@ def parse_args(argv=None) -> Args:
                 f"--specialist {spec!r} must be SUITE=LABEL: a suite of --suites and the --checkpoint label "
                 "of its single-task checkpoint, e.g. --specialist skin=skin"
             )
-        if runs is not None and len(labels) != runs:
+        if len(labels) != runs:
+            joint = f"--joint {args.joint!r} names {runs}" if args.joint else "without --joint there is 1"
             parser.error(
-                f"--specialist {spec!r} names {len(labels)} run(s) but --joint {args.joint!r} "
-                f"names {runs}: give one specialist label per joint run, in the same order (seed by seed)"
+                f"--specialist {spec!r} names {len(labels)} run(s) but {joint}: give one specialist label "
+                "per joint run, in the same order (seed by seed)"
             )
     if args.pref_prompts and sampler.is_toy_model(args.model):
         parser.error(
@@ -502,14 +503,9 @@ def table5_roles(args: Args, checkpoints: dict[str, str]) -> tuple[list[str], di
     for label in [*joint, *(label for labels in specialists.values() for label in labels)]:
         if label not in checkpoints:
             raise ValueError(f"Table 5 label {label!r} is not a checkpoint; labels: {', '.join(checkpoints)}")
-    for suite_name, labels in specialists.items():
+    for suite_name in specialists:
         if suite_name not in evaluated:
             raise ValueError(f"--specialist {suite_name}=... names a suite not in --suites {args.suites}")
-        if joint and len(labels) != len(joint):
-            raise ValueError(
-                f"--specialist {suite_name}=... names {len(labels)} runs but the joint model(s) {joint} are "
-                f"{len(joint)}: pass --joint with one label per run"
-            )
     return (joint, specialists) if joint and specialists else ([], {})
 
 

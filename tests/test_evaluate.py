@@ -114,10 +114,10 @@ def test_checkpoint_labels_and_table5_roles_from_args_json(tmp_path):
         ["--suites", "brightness,color", "--joint", "joint/final,col", "--specialist", "color=b/final,col"]
     )
     assert evaluate.table5_roles(args, checkpoints) == (["joint/final", "col"], {"color": ["b/final", "col"]})
-    # two specialist runs, but one joint model (read from args.json)
-    args = evaluate.parse_args(["--suites", "brightness,color", "--specialist", "color=b/final,col"])
-    with pytest.raises(ValueError, match="names 2 runs but the joint model"):
-        evaluate.table5_roles(args, checkpoints)
+    # two specialist runs, but one joint model (read from args.json): refused as the flags are read (the
+    # message is in test_bad_input_is_a_clear_error_before_any_model_loads)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--suites", "brightness,color", "--specialist", "color=b/final,col"])
 
 
 def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, monkeypatch):
@@ -136,6 +136,10 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, mon
         (
             ["--joint", "j0,j1", "--specialist", "skin=s0"],
             "--specialist 'skin=s0' names 1 run(s) but --joint 'j0,j1' names 2",
+        ),
+        (
+            ["--specialist", "skin=s0,s1"],
+            "--specialist 'skin=s0,s1' names 2 run(s) but without --joint there is 1",
         ),
         (["--resamples", "0"], "--resamples must be >= 1"),
         (
