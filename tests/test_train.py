@@ -369,7 +369,7 @@ def test_torchrun_ranks_stop_together_when_one_cannot_read_its_pretraining_image
 def test_global_advantages_use_every_rank(tmp_path):
     script = tmp_path / "adv.py"
     script.write_text(
-        "import pathlib, torch, torch.distributed as dist, train\n"
+        "import torch, torch.distributed as dist, train\n"
         "dist.init_process_group('gloo'); rank = dist.get_rank()\n"
         "args = train.parse_args([])\n"
         "local = torch.tensor([0.0, 1.0]) + 10 * rank  # rank 0: 0, 1; rank 1: 10, 11\n"
