@@ -373,28 +373,26 @@ def save_grid(images: torch.Tensor, path: str, columns: int = 8):
 
 
 def open_tracker(args: Args):
-    """(track, close): track(row) sends a metrics row to TensorBoard or W&B; close() flushes it."""
+    """(track, close): track(row) sends a metrics row's numbers to TensorBoard or W&B; close() flushes."""
+
+    def scalars(row):  # "comp/reward_mean": 0.61, ...
+        return {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
+
     if args.log_with == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
 
         def track(row):
-            for k, v in row.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(f"{row['task']}/{k}", v, row["iteration"])
+            for tag, value in scalars(row).items():
+                writer.add_scalar(tag, value, row["iteration"])
 
         return track, writer.close
     if args.log_with == "wandb":
         import wandb
 
         wandb.init(project="large-scale-rl-diffusion", config=dataclasses.asdict(args), dir=args.out)
-
-        def track(row):
-            scalars = {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
-            wandb.log(scalars, step=row["iteration"])
-
-        return track, wandb.finish
+        return lambda row: wandb.log(scalars(row), step=row["iteration"]), wandb.finish
     return lambda row: None, lambda: None
 
 

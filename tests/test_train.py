@@ -135,6 +135,28 @@ def test_wandb_gets_every_metrics_row_and_is_finished_at_the_end(tmp_path, monke
     assert calls[0] == ("init", "large-scale-rl-diffusion") and calls[-1] == ("finish",) and len(calls) == 4
 
 
+def test_tensorboard_gets_every_metrics_row_and_is_closed_at_the_end(tmp_path, monkeypatch):
+    calls = []
+
+    class Writer:  # a stand-in for torch.utils.tensorboard's, which needs the tensorboard package
+        def __init__(self, folder):
+            calls.append(("open", os.path.basename(folder)))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--log-with", "tensorboard")
+    logged = [call[2:] for call in calls if call[:2] == ("scalar", "brightness/reward_mean")]  # (value, step)
+    assert logged == [(row["reward_mean"], row["iteration"]) for row in metrics(out)]
+    assert calls[0] == ("open", "tensorboard") and calls[-1] == ("close",)
+
+
 def test_resume_continues_exactly(tmp_path):
     full = run(tmp_path, "--rewards", "brightness", "--iterations", "4", name="full")
     part = run(tmp_path, "--rewards", "brightness", "--iterations", "2", name="part")
