@@ -168,19 +168,26 @@ def render(scene: dict, rng: np.random.Generator) -> np.ndarray:
     return image + scene["fade"] * (np.array(BACKGROUND, np.float32) - image)
 
 
-def make_dataset(n: int, seed: int, two_objects: float = SCENE_MIX["two"]) -> tuple[np.ndarray, list[str]]:
-    """n pretraining pairs: uint8 images (n, 32, 32, 3) and their captions."""
+def make_dataset(
+    n: int, seed: int, two_objects: float = SCENE_MIX["two"], unfaded: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """n pretraining pairs: uint8 images (n, 32, 32, 3) and their captions; `unfaded` leaves out the
+    faded scenes, as the paper's L_pre data is LAION filtered to an aesthetic score of at least 6."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, two_objects) for _ in range(n)]
+    scenes = []
+    while len(scenes) < n:
+        scene = sample_scene(rng, two_objects)
+        if not (unfaded and scene["fade"] > 0):
+            scenes.append(scene)
     images = np.stack([render(s, rng) for s in scenes])
     return (images * 255).round().astype(np.uint8), [caption(s) for s in scenes]
 
 
-def export(out: str, n: int, seed: int) -> None:
+def export(out: str, n: int, seed: int, unfaded: bool = False) -> None:
     """Write n pretraining pairs as an HF imagefolder: 00000.png ... and metadata.jsonl."""
     from PIL import Image
 
-    images, captions = make_dataset(n, seed)
+    images, captions = make_dataset(n, seed, unfaded=unfaded)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metadata.jsonl"), "w") as f:
         for i, (image, text) in enumerate(zip(images, captions, strict=True)):
@@ -746,6 +753,11 @@ def main() -> None:
     export_parser.add_argument("--out", required=True)
     export_parser.add_argument("--n", type=int, default=2000)
     export_parser.add_argument("--seed", type=int, default=1, help="another seed than pretraining's 0")
+    export_parser.add_argument(
+        "--unfaded",
+        action="store_true",
+        help="leave out faded scenes (the paper filters its L_pre data by aesthetics)",
+    )
     report_parser = commands.add_parser("report", help="the base model's numbers on every toy split")
     report_parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder")
     report_parser.add_argument("--out", default="runs/toy-report")
@@ -758,7 +770,7 @@ def main() -> None:
     if args.command == "pretrain":
         pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
     elif args.command == "export":
-        export(args.out, args.n, args.seed)
+        export(args.out, args.n, args.seed, args.unfaded)
     else:
         report(args)
 

@@ -190,6 +190,16 @@ def test_export_writes_an_imagefolder(tmp_path):
     assert Image.open(tmp_path / "00000.png").size == (32, 32) and all(line["text"] for line in lines)
 
 
+def test_unfaded_export_leaves_out_the_faded_scenes_only():
+    def fits(images):  # palette_fit of uint8 (n, 32, 32, 3) renders; 1 exactly for an unfaded one
+        return tw.palette_fit(torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0)
+
+    images, captions = tw.make_dataset(60, seed=0)
+    clean, clean_captions = tw.make_dataset(60, seed=0, unfaded=True)
+    assert (fits(images) < 0.99).sum() >= 5  # the world's 30 % of faded scenes
+    assert (fits(clean) > 0.99).all() and len(clean_captions) == 60
+
+
 @pytest.mark.skipif(not os.path.isdir(sampler.TOY_MODEL_DIR), reason="the toy model is not pretrained yet")
 def test_toy_model_loads_offline_and_samples():
     pipe = sampler.load_pipeline("toy")
