@@ -198,6 +198,8 @@ def test_unfaded_export_leaves_out_the_faded_scenes_only():
     clean, clean_captions = tw.make_dataset(60, seed=0, unfaded=True)
     assert (fits(images) < 0.99).sum() >= 5  # the world's 30 % of faded scenes
     assert (fits(clean) > 0.99).all() and len(clean_captions) == 60
+    kept = [text for text, fit in zip(captions, fits(images), strict=True) if fit > 0.99]
+    assert clean_captions[: len(kept)] == kept  # the same scene stream, the faded scenes skipped
 
 
 @pytest.mark.skipif(not os.path.isdir(sampler.TOY_MODEL_DIR), reason="the toy model is not pretrained yet")
