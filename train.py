@@ -76,6 +76,11 @@ class Args:
     )
     pretrain_weight: float = option(1.0, "beta, the weight of L_pre (paper: not given)")
     pretrain_batch_size: int = option(16, "L_pre images per rank (paper: 16)")
+    pretrain_uncond_prob: float = option(
+        0.1,
+        "share of L_pre captions replaced by the empty caption, which trains the unconditional "
+        "prediction that guidance uses (SD's pretraining: 0.1; 0: the conditional one only)",
+    )
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
                                "(0: full fine-tune, as the paper; needs peft)")  # fmt: skip
     mixed_precision: str = option("no", "no|fp16|bf16 autocast (paper: bf16)")
@@ -124,6 +129,8 @@ def parse_args(argv=None) -> Args:
         parser.error("--mixed-precision must be one of no, fp16, bf16")
     if args.log_with not in ("none", "tensorboard", "wandb"):
         parser.error("--log-with must be one of none, tensorboard, wandb")
+    if not 0 <= args.pretrain_uncond_prob <= 1:
+        parser.error(f"--pretrain-uncond-prob must be between 0 and 1, not {args.pretrain_uncond_prob}")
     if args.micro_batch < 0 or (args.micro_batch and args.batch_size % args.micro_batch):
         parser.error(
             f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})"
@@ -250,20 +257,28 @@ def read_pretrain_images(data, batch_size: int, size: int, seed: int) -> tuple[l
     return captions, arrays
 
 
-def pretrain_loss(pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int) -> torch.Tensor:
+def pretrain_loss(
+    pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int, uncond_prob: float = 0.0
+) -> torch.Tensor:
     """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
-    (v instead of eps for v-prediction models)."""
+    (v instead of eps for v-prediction models). An `uncond_prob` share of the captions c is the empty
+    caption, as in the model's own pretraining: sampling with guidance w uses
+    eps_uncond + w * (eps_cond - eps_uncond), so an L_pre that never sees "" leaves eps_uncond to drift
+    under the RL steps, and w amplifies the drift."""
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.sample(generator)
         latents = latents.float() * pipe.vae.config.scaling_factor
-        prompt_embeds, _ = sampler.encode_prompts(pipe, captions)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(
         0, pipe.scheduler.config.num_train_timesteps, (len(captions),), generator=generator
     )
+    drop = torch.rand(len(captions), generator=generator) < uncond_prob
+    captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
+    with torch.no_grad():
+        prompt_embeds, _ = sampler.encode_prompts(pipe, captions)
     timesteps = timesteps.to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
     is_v = pipe.scheduler.config.prediction_type == "v_prediction"
@@ -698,7 +713,7 @@ def main(args: Args):
                 )
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss = pretrain_loss(pipe, model, captions, arrays, seed)
+                loss = pretrain_loss(pipe, model, captions, arrays, seed, args.pretrain_uncond_prob)
             scaler.scale(args.pretrain_weight * loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)

@@ -214,7 +214,7 @@ def test_bad_input_is_a_clear_error_at_start_up(tmp_path):
         )
     with pytest.raises(ValueError, match="unknown reward 'nope'.*brightness"):
         run(tmp_path, "--rewards", "nope", "--iterations", "1")
-    for bad in (["--eta", "0"], ["--save-every", "0"], ["--seed", "-1"]):
+    for bad in (["--eta", "0"], ["--save-every", "0"], ["--seed", "-1"], ["--pretrain-uncond-prob", "1.5"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
     with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
@@ -271,6 +271,35 @@ def test_pretraining_loss_step(tmp_path):
         out = run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(data),
                   name="broken")  # fmt: skip
     assert next(row for row in metrics(out) if row["task"] == "pretrain")["loss"] > 0
+
+
+def test_pretraining_loss_trains_the_unconditional_prediction_on_a_share_of_empty_captions(monkeypatch):
+    """Guidance uses eps_uncond, so L_pre replaces a --pretrain-uncond-prob share of its captions by "",
+    drawn from the step's seed, and keeps the same noise and timesteps whatever that share is."""
+    import sampler
+
+    pipe = sampler.tiny_pipeline()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    arrays = list(np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8))
+    captions = ["a red square"] * 64
+    encoded = []
+    real = sampler.encode_prompts
+    monkeypatch.setattr(sampler, "encode_prompts", lambda p, texts: encoded.append(texts) or real(p, texts))
+
+    def loss(texts, seed, uncond_prob):
+        with torch.no_grad():
+            return train.pretrain_loss(pipe, pipe.unet, texts, arrays, seed, uncond_prob).item()
+
+    conditional = loss(captions, 0, 0.0)
+    assert encoded[-1] == captions  # 0: every caption kept (the conditional prediction only)
+    assert loss(captions, 0, 1.0) == loss([""] * 64, 0, 0.0) != conditional  # 1: all unconditional
+    loss(captions, 0, 0.1)
+    dropped = [text == "" for text in encoded[-1]]
+    assert 1 <= sum(dropped) <= 15  # about 10 % of 64
+    loss(captions, 0, 0.1)
+    assert [text == "" for text in encoded[-1]] == dropped  # the seed decides which
+    loss(captions, 1, 0.1)
+    assert [text == "" for text in encoded[-1]] != dropped
 
 
 def test_a_non_finite_pretraining_gradient_skips_only_that_step(tmp_path, monkeypatch):
