@@ -77,9 +77,9 @@ class Args:
     pretrain_weight: float = option(1.0, "beta, the weight of L_pre (paper: not given)")
     pretrain_batch_size: int = option(16, "L_pre images per rank (paper: 16)")
     pretrain_uncond_prob: float = option(
-        0.1,
-        "share of L_pre captions replaced by the empty caption, which trains the unconditional "
-        "prediction that guidance uses (SD's pretraining: 0.1; 0: the conditional one only)",
+        0.0,
+        "share of L_pre captions replaced by the empty caption, to train the unconditional prediction "
+        "that guidance uses too (SD's pretraining: 0.1; 0: the conditional one only)",
     )
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
                                "(0: full fine-tune, as the paper; needs peft)")  # fmt: skip
@@ -262,9 +262,8 @@ def pretrain_loss(
 ) -> torch.Tensor:
     """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
     (v instead of eps for v-prediction models). An `uncond_prob` share of the captions c is the empty
-    caption, as in the model's own pretraining: sampling with guidance w uses
-    eps_uncond + w * (eps_cond - eps_uncond), so an L_pre that never sees "" leaves eps_uncond to drift
-    under the RL steps, and w amplifies the drift."""
+    caption, as in SD's own pretraining: sampling with guidance w uses eps_uncond + w * (eps_cond -
+    eps_uncond), and at 0 L_pre trains eps_cond only (eps_uncond moves only through the shared weights)."""
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(seed)
