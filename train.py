@@ -270,13 +270,13 @@ def pretrain_loss(
     with torch.no_grad():
         latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.sample(generator)
         latents = latents.float() * pipe.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(
-        0, pipe.scheduler.config.num_train_timesteps, (len(captions),), generator=generator
-    )
-    drop = torch.rand(len(captions), generator=generator) < uncond_prob
-    captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
-    with torch.no_grad():
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(
+            0, pipe.scheduler.config.num_train_timesteps, (len(captions),), generator=generator
+        )
+        # drawn last, so the noise and timesteps are the same whatever uncond_prob is
+        drop = torch.rand(len(captions), generator=generator) < uncond_prob
+        captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
         prompt_embeds, _ = sampler.encode_prompts(pipe, captions)
     timesteps = timesteps.to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
