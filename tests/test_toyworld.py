@@ -278,8 +278,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The slowest tests by far (about 4, 6 and 12 to 14 minutes on one core). Under the README's test command,
+# `pytest -n auto --dist loadgroup` (pytest-xdist), pref runs in one process while skin then comp run in
+# another.
+SHORT_RUN_PROCESS = {"skin": "toy-rl-skin-comp", "comp": "toy-rl-skin-comp", "pref": "toy-rl-pref"}
+
+
 @pytest.mark.skipif(not os.path.isdir(sampler.TOY_MODEL_DIR), reason="the toy model is not pretrained yet")
-@pytest.mark.parametrize("task", list(SHORT_RUNS))
+@pytest.mark.parametrize(
+    "task", [pytest.param(t, marks=pytest.mark.xdist_group(SHORT_RUN_PROCESS[t])) for t in SHORT_RUNS]
+)
 def test_a_short_run_moves_its_toy_reward(tmp_path, task, one_thread):
     """RL on one toy task, then evaluate.py on its held-out prompts with paired seeds: the task's metric
     moves the right way (SP down for skin; detection and preference up, winning most paired images)."""
