@@ -260,11 +260,13 @@ def test_toy_world_keeps_the_weight_free_rewards_and_rejects_unknown_names():
 
 # The README's specialist runs ("What RL does in the toy world"; the paper's batch-level advantages), cut
 # short: batch 512 is what it takes for the signal to beat the policy-gradient noise on this small model, so
-# each run costs a few CPU minutes.
-SHORT_RUNS = {  # task: (extra train.py flags, held-out prompt set)
-    "skin": (["--group-size", "16", "--iterations", "5"], "skin/occupations"),
-    "comp": (["--iterations", "10"], "comp/unseen"),
-    "pref": (["--iterations", "20"], "pref/test"),
+# each run costs minutes: about 4, 6 and 12 to 14 on one core, the slowest tests by far. Under the README's
+# test command, `pytest -n auto --dist loadgroup` (pytest-xdist), the process group keeps pref in one process
+# while skin then comp run in another.
+SHORT_RUNS = {  # task: (extra train.py flags, held-out prompt set, xdist process group)
+    "skin": (["--group-size", "16", "--iterations", "5"], "skin/occupations", "toy-rl-skin-comp"),
+    "comp": (["--iterations", "10"], "comp/unseen", "toy-rl-skin-comp"),
+    "pref": (["--iterations", "20"], "pref/test", "toy-rl-pref"),
 }
 
 
@@ -278,15 +280,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# The slowest tests by far (about 4, 6 and 12 to 14 minutes on one core). Under the README's test command,
-# `pytest -n auto --dist loadgroup` (pytest-xdist), pref runs in one process while skin then comp run in
-# another.
-SHORT_RUN_PROCESS = {"skin": "toy-rl-skin-comp", "comp": "toy-rl-skin-comp", "pref": "toy-rl-pref"}
-
-
 @pytest.mark.skipif(not os.path.isdir(sampler.TOY_MODEL_DIR), reason="the toy model is not pretrained yet")
 @pytest.mark.parametrize(
-    "task", [pytest.param(t, marks=pytest.mark.xdist_group(SHORT_RUN_PROCESS[t])) for t in SHORT_RUNS]
+    "task", [pytest.param(task, marks=pytest.mark.xdist_group(run[2])) for task, run in SHORT_RUNS.items()]
 )
 def test_a_short_run_moves_its_toy_reward(tmp_path, task, one_thread):
     """RL on one toy task, then evaluate.py on its held-out prompts with paired seeds: the task's metric
@@ -294,7 +290,7 @@ def test_a_short_run_moves_its_toy_reward(tmp_path, task, one_thread):
     import evaluate
     import train
 
-    extra, prompt_set = SHORT_RUNS[task]
+    extra, prompt_set, _ = SHORT_RUNS[task]
     sampling = ["--model", "toy", "--num-steps", "10", "--guidance", "5"]
     out = str(tmp_path / task)
     train.main(train.parse_args([
