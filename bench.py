@@ -34,7 +34,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+import flags
 import sampler
+import toyworld
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -99,10 +101,10 @@ class BenchArgs:
 
 
 def parse_args(argv=None) -> BenchArgs:
-    parser = train.build_parser(BenchArgs, __doc__)
+    parser = flags.build_parser(BenchArgs, __doc__)
     args = BenchArgs(**vars(parser.parse_args(argv)))
     if not args.reward:
-        args.reward = "pref" if sampler.is_toy_model(args.model) else "brightness"
+        args.reward = "pref" if toyworld.is_toy_model(args.model) else "brightness"
     if args.iterations < 2 or args.batch_size < 2:
         parser.error("--iterations and --batch-size must be at least 2 (a warm-up iteration, two halves)")
     if not set(args.sections.split(",")) <= set(SECTIONS):

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 import rewards
 import sampler
+import toyworld
 
 #### Configuration ####
 
@@ -139,8 +140,6 @@ SUITES = {
     "jpeg": Suite("jpeg reward (-kB)", parity=False, takes_prompt_file=True, paper="weight-free"),
     "color": Suite("colour parity (SP)", parity=True, takes_prompt_file=True, paper="weight-free"),
 }
-TOY_SUITES = ("pref", "skin", "comp")  # --model toy scores these with the toy world's detectors
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIDENCE = 0.95
 GRID_CELL = 160  # pixels per image in the grids
 
@@ -161,7 +160,7 @@ def parse_args(argv=None) -> Args:
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; pick from {', '.join(SUITES)}")
     if args.pref_rewards is None:
-        args.pref_rewards = "pref" if sampler.is_toy_model(args.model) else "pref,aesthetic"
+        args.pref_rewards = "pref" if toyworld.is_toy_model(args.model) else "pref,aesthetic"
     if not scorers_of(args, "pref"):
         parser.error('--pref-rewards needs at least one reward, e.g. "pref,aesthetic"')
     for name in scorers_of(args, "pref"):
@@ -190,7 +189,7 @@ def parse_args(argv=None) -> Args:
                 f"--specialist {spec!r} names {len(labels)} run(s) but {joint}: give one specialist label "
                 "per joint run, in the same order (seed by seed)"
             )
-    if args.pref_prompts and sampler.is_toy_model(args.model):
+    if args.pref_prompts and toyworld.is_toy_model(args.model):
         parser.error(
             "--pref-prompts adds a prompt file (e.g. PartiPrompts) as a pref prompt set, but the toy world's "
             "pref reward only scores its own captions (it reads the objects to detect from their metadata); "
@@ -265,10 +264,6 @@ class PromptSet:
         return [(k // n, self.prompts[k // n], seed + k) for k in range(len(self.prompts) * n)]
 
 
-def world_of(args: Args, task_name: str) -> str:
-    return "toy" if sampler.is_toy_model(args.model) and task_name in TOY_SUITES else "real"
-
-
 def build_prompt_sets(args: Args) -> list[PromptSet]:
     """Every evaluated (suite, split): the task's held-out splits (its only split when it has one), and for
     pref each --pref-prompts file as a whole."""
@@ -276,7 +271,7 @@ def build_prompt_sets(args: Args) -> list[PromptSet]:
     for suite_name in suite_names(args):
         suite = SUITES[suite_name]
         prompt_file = args.prompt_file if suite.takes_prompt_file else None
-        task = rewards.get_task(suite_name, args.device, world_of(args, suite_name), prompt_file)
+        task = toyworld.load_task(suite_name, args.model, args.device, prompt_file)
         n = args.parity_images if suite.parity else args.images_per_prompt
         for split in task.splits[1:] or task.splits:
             items = list(itertools.islice(task.prompts(split, args.seed), args.max_prompts))
@@ -348,7 +343,7 @@ def generate_images(args: Args, label: str, checkpoint: str | None, prompt_sets:
     if not missing:
         return files
 
-    pipe = sampler.load_pipeline(args.model, args.device, DTYPES[args.mixed_precision], checkpoint)
+    pipe = sampler.load_pipeline(args.model, args.device, sampler.DTYPES[args.mixed_precision], checkpoint)
     with tqdm(total=len(missing), desc=f"generating {label}", unit="image") as progress:
         for start in range(0, len(missing), args.batch_size):
             batch = missing[start : start + args.batch_size]
@@ -596,7 +591,7 @@ def evaluate(args: Args) -> dict:
     prompt_sets = build_prompt_sets(args)
     # built before generation (their models load on first use), so a scorer that cannot work stops us here
     names = dict.fromkeys(name for ps in prompt_sets for name in scorers_of(args, ps.suite))
-    scorers = {name: rewards.get_task(name, args.device, world_of(args, name)) for name in names}
+    scorers = {name: toyworld.load_task(name, args.model, args.device) for name in names}
 
     #### GENERATION ####
     models = {"base": None, **checkpoints}

@@ -573,17 +573,13 @@ def simple_prompts(task: str, prompt_file: str | None):
     return prompt_list_source(task, lambda: read_prompt_file(path))
 
 
-def no_prompt_file(task: str, prompt_file: str | None, world: str = "real"):
+def no_prompt_file(task: str, prompt_file: str | None):
     """Refuse a prompt file for a task that builds its own prompts (with the metadata its reward needs)."""
-    if prompt_file is None:
-        return
-    takes_one = "pref, imagereward, aesthetic, jpeg, brightness and color"
-    if world == "toy":
-        raise ValueError(
-            f"task {task} of the toy world builds its own prompts, as every toy-world task does; drop "
-            f"--prompt-file, or pass a real --model (there --prompt-file works with {takes_one})"
-        )
-    raise ValueError(f"task {task} builds its own prompts; --prompt-file works with {takes_one}")
+    if prompt_file is not None:
+        raise ValueError(f"task {task} builds its own prompts; --prompt-file works with {TAKES_PROMPT_FILE}")
+
+
+TAKES_PROMPT_FILE = "pref, imagereward, aesthetic, jpeg, brightness and color"
 
 
 def weight_free_task(name: str, reward: RewardFn, minibatch: bool = False) -> Callable[..., Task]:
@@ -645,17 +641,8 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(
-    name: str, device: str | torch.device = "cpu", world: str = "real", prompt_file: str | None = None
-):
-    """Build the task `name`; world="toy" gives the toy world's versions of pref, skin and comp (the
-    weight-free rewards stay available there too)."""
-    if world == "toy":
-        import toyworld
-
-        if name in toyworld.TASKS:
-            no_prompt_file(name, prompt_file, world)
-            return toyworld.get_task(name, device)
+def get_task(name: str, device: str | torch.device = "cpu", prompt_file: str | None = None) -> Task:
+    """Build the task `name` of the real world (toyworld.load_task picks the toy world's for a toy model)."""
     if name not in TASKS:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(TASKS))}")
     return TASKS[name](device=device, prompt_file=prompt_file)

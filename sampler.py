@@ -29,13 +29,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-model")
-TOY_MARKER = "toyworld.json"  # written by `toyworld.py pretrain` (its arguments): a toy-world model
-
-
-def is_toy_model(model: str) -> bool:
-    """True for "toy" and for any folder written by `toyworld.py pretrain`: their prompts and rewards are
-    the toy world's (train.py and evaluate.py pick the toy tasks for them)."""
-    return model == "toy" or os.path.isfile(os.path.join(model, TOY_MARKER))
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
 #### The DDIM step with its log-prob ####

@@ -13,7 +13,7 @@ Because the world is rendered, its detectors are exact and need no weights: `det
 the person, `palette_fit` how clean (unfaded, sharp) the colours are. They back three toy tasks that mirror
 the paper's (get_task): `pref` (alignment + aesthetics, like ImageReward), `skin` (the statistical-parity
 minibatch reward of rewards.py) and `comp` (mean detection score of the prompt's objects, with shape-colour
-pairs held out as "unseen").
+pairs held out as "unseen"). load_task is where a run's --model decides between these and rewards.py's.
 
 The toy model is a Stable Diffusion pipeline in miniature (CLIP tokenizer and text encoder, UNet, KL
 autoencoder, DDIM scheduler) so sampler.py and train.py run on it unchanged. Commands:
@@ -436,6 +436,30 @@ def get_task(name: str, device: str | torch.device = "cpu") -> rewards.Task:
     return rewards.Task(name, prompts, splits, reward_on_device, minibatch=name == "skin")
 
 
+#### The toy/real choice, made here once for train.py and evaluate.py ####
+
+MARKER = "toyworld.json"  # written by `toyworld.py pretrain` (its arguments): the folder is a toy-world model
+
+
+def is_toy_model(model: str) -> bool:
+    """True for "toy" and for any folder written by `toyworld.py pretrain`."""
+    return model == "toy" or os.path.isfile(os.path.join(model, MARKER))
+
+
+def load_task(name: str, model: str, device: str | torch.device = "cpu", prompt_file: str | None = None):
+    """The task `name` for a run of `model`: the toy world's pref, skin and comp for a toy-world model (its
+    own prompts, exact detectors), rewards.py's task otherwise (the weight-free rewards serve both worlds)."""
+    if not (is_toy_model(model) and name in TASKS):
+        return rewards.get_task(name, device, prompt_file)
+    if prompt_file is not None:
+        raise ValueError(
+            f"task {name} of the toy world builds its own prompts, as every toy-world task does; drop "
+            f"--prompt-file, or pass a real --model (there --prompt-file works with "
+            f"{rewards.TAKES_PROMPT_FILE})"
+        )
+    return get_task(name, device)
+
+
 #### The toy model: Stable Diffusion in miniature ####
 
 MAX_TOKENS = 16  # the longest caption is 10 tokens with <|startoftext|> and <|endoftext|>
@@ -672,7 +696,7 @@ def pretrain(args: PretrainArgs) -> None:
     input_ids = tokenize(pipe.tokenizer, captions)
     train_diffusion(pipe, means * scaling_factor, stds * scaling_factor, input_ids, args, generator)
     pipe.save_pretrained(args.out, safe_serialization=True)
-    with open(os.path.join(args.out, sampler.TOY_MARKER), "w") as f:  # train.py: use the toy world's tasks
+    with open(os.path.join(args.out, MARKER), "w") as f:  # train.py: use the toy world's tasks
         json.dump({"pretrain_args": vars(args), "minutes": round((time.time() - start) / 60, 1)}, f, indent=2)
     print(f"saved {args.out} after {(time.time() - start) / 60:.1f} min")
 

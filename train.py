@@ -14,7 +14,6 @@ then one pretraining (L_pre) step when --pretrain-data is given. Outputs in --ou
 checkpoint-<iteration>/ and final/ (loadable by evaluate.py --checkpoint), sample grids.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -26,7 +25,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,13 +33,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-import rewards as rewards_lib
 import sampler
-
-
-def option(default, help: str):
-    """A config field: its default and the --help text (with the paper's value where it has one)."""
-    return field(default=default, metadata={"help": help})
+import toyworld
+from flags import build_parser, option
 
 
 @dataclass
@@ -94,22 +89,6 @@ class Args:
     save_every: int = option(50, "checkpoint every N iterations (and at the end)")
     sample_every: int = option(10, "save a PNG grid of samples every N iterations")
     log_with: str = option("none", "none|tensorboard|wandb")
-
-
-def build_parser(config, description: str) -> argparse.ArgumentParser:
-    """One --dashed-flag per field of the config dataclass, with its help string and default."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in dataclasses.fields(config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(
-                flag, type=f.type, default=f.default, help=f.metadata["help"] + " [%(default)s]"
-            )
-    return parser
 
 
 def parse_args(argv=None) -> Args:
@@ -435,12 +414,8 @@ def main(args: Args):
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
 
-    world_name = "toy" if sampler.is_toy_model(args.model) else "real"
     task_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    tasks = [
-        rewards_lib.get_task(name, device=device, world=world_name, prompt_file=args.prompt_file or None)
-        for name in task_names
-    ]
+    tasks = [toyworld.load_task(name, args.model, device, args.prompt_file or None) for name in task_names]
     prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
     for task, prompts in zip(tasks, prompt_lists, strict=True):
         group = group_size(task, args)

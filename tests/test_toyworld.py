@@ -94,7 +94,7 @@ def test_pretraining_data_is_biased():
 
 
 def test_tasks_follow_the_rewards_contract():
-    comp, skin, pref = (rewards.get_task(name, world="toy") for name in ("comp", "skin", "pref"))
+    comp, skin, pref = (tw.load_task(name, "toy") for name in ("comp", "skin", "pref"))
     assert comp.splits == ("train", "seen", "unseen") and skin.splits == ("train", "occupations")
     assert pref.splits == ("train", "test") and skin.minibatch and not comp.minibatch
     assert comp.prompts("train", 3) == comp.prompts("train", 3) != comp.prompts("train", 4)
@@ -142,7 +142,7 @@ def test_tasks_follow_the_rewards_contract():
 def test_comp_all_detected_needs_every_object_of_the_prompt():
     """all_detected is the share of images with every object of the prompt detected (confidence > 0.5), not
     of images whose mean confidence is above one half."""
-    comp = rewards.get_task("comp", world="toy")
+    comp = tw.load_task("comp", "toy")
     pair = [["red", "circle"], ["blue", "cross"]]
     images = render([objects_scene(pair), objects_scene(pair[:1]), objects_scene([("yellow", "square")])])
     cut = images[0].clone()  # the pair with the top 6 of the cross's 11 rows erased: a weak cross
@@ -168,8 +168,8 @@ def test_toy_tasks_refuse_a_prompt_file():
         with pytest.raises(
             ValueError, match=f"task {name} of the toy world builds its own prompts.*--prompt-file"
         ):
-            rewards.get_task(name, world="toy", prompt_file="prompts.txt")
-    assert rewards.get_task("brightness", world="toy", prompt_file="prompts.txt").name == "brightness"
+            tw.load_task(name, "toy", prompt_file="prompts.txt")
+    assert tw.load_task("brightness", "toy", prompt_file="prompts.txt").name == "brightness"
 
 
 def test_tokenizer_has_every_word_as_one_token():
@@ -228,7 +228,7 @@ def test_a_model_pretrained_into_any_folder_trains_on_the_toy_tasks(tmp_path):
     out = str(tmp_path / "my-toy")
     tw.pretrain(tw.PretrainArgs(out=out, num_images=32, vae_steps=1, steps=1, batch_size=4,
                                 unet_channels="16,32", text_attention="all"))  # fmt: skip
-    marker = json.loads((tmp_path / "my-toy" / sampler.TOY_MARKER).read_text())
+    marker = json.loads((tmp_path / "my-toy" / tw.MARKER).read_text())
     assert marker["pretrain_args"]["num_images"] == 32
     unet = sampler.load_pipeline(out).unet.config  # the architecture options reach the saved model
     assert unet.block_out_channels == [16, 32] and unet.down_block_types[0] == "CrossAttnDownBlock2D"
@@ -239,8 +239,8 @@ def test_a_model_pretrained_into_any_folder_trains_on_the_toy_tasks(tmp_path):
             tw.build_pipeline(0, unet_channels=channels)
     with pytest.raises(ValueError, match="--unet-channels must be two integers"):
         tw.pretrain(tw.PretrainArgs(out=out, unet_channels="32x64"))
-    assert sampler.is_toy_model(out) and sampler.is_toy_model("toy")
-    assert not sampler.is_toy_model(str(tmp_path)) and not sampler.is_toy_model("tiny")
+    assert tw.is_toy_model(out) and tw.is_toy_model("toy")
+    assert not tw.is_toy_model(str(tmp_path)) and not tw.is_toy_model("tiny")
     run = str(tmp_path / "run")
     train.main(train.parse_args([
         "--model", out, "--rewards", "comp", "--iterations", "1", "--batch-size", "2", "--num-steps", "2",
@@ -248,14 +248,16 @@ def test_a_model_pretrained_into_any_folder_trains_on_the_toy_tasks(tmp_path):
     ]))  # fmt: skip
     logged = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert logged[0]["task"] == "comp" and "reward_all_detected" in logged[0]
-    assert evaluate.world_of(evaluate.parse_args(["--model", out]), "comp") == "toy"
-    assert evaluate.world_of(evaluate.parse_args(["--model", str(tmp_path)]), "comp") == "real"
+    toy_seen = [prompt for prompt, _ in tw.get_task("comp").prompts("seen", 0)][:3]
+    for model, is_toy in ((out, True), (str(tmp_path), False)):  # evaluate.py scores with the same choice
+        args = evaluate.parse_args(["--model", model, "--suites", "comp", "--max-prompts", "3"])
+        assert (evaluate.build_prompt_sets(args)[0].prompts == toy_seen) == is_toy
 
 
 def test_toy_world_keeps_the_weight_free_rewards_and_rejects_unknown_names():
-    assert rewards.get_task("brightness", world="toy").name == "brightness"
+    assert tw.load_task("brightness", "toy").name == "brightness"
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
-        rewards.get_task("nope", world="toy")
+        tw.load_task("nope", "toy")
 
 
 # The README's specialist runs ("What RL does in the toy world"; the paper's batch-level advantages), cut
