@@ -5,13 +5,12 @@ several rewards jointly, with an optional pretraining loss, from one CPU process
     torchrun --standalone --nproc_per_node=8 train.py --model stabilityai/stable-diffusion-2-base \\
         --rewards pref,skin,comp --group-size 16 --mixed-precision bf16 --gradient-checkpointing
 
-Each iteration visits every task in turn (the paper's Algorithm 1):
-    1. SAMPLING   this rank's prompts -> stochastic DDIM trajectories with per-step log-probs (no grad)
-    2. REWARDS    score, gather over all ranks, batch-level advantages A = (r - mean) / (std + 1e-7)
-    3. TRAINING   K random DDIM steps; for each, one optimizer step of the clipped surrogate
-                  (--inner-epochs passes over the same samples, K fresh steps each)
-then one pretraining (L_pre) step when --pretrain-data is given. Outputs in --out: metrics.jsonl,
-checkpoint-<iteration>/ and final/ (loadable by evaluate.py --checkpoint), sample grids.
+main() at the bottom is the paper's loop. Each iteration visits every task in turn:
+    1. sample_batch        this rank's prompts -> DDIM trajectories with per-step log-probs (no grad)
+    2. task.reward         scores, gathered from all ranks -> global_advantages A = (r - mean) / (std + 1e-7)
+    3. ppo_update          K random DDIM steps, one optimizer step of the clipped surrogate (Eq. 4) each
+then pretrain_step (L_pre) with --pretrain-data, and checkpoint_or_stop. What lands in --out (metrics.jsonl,
+checkpoint-<iteration>/ and final/ for evaluate.py --checkpoint, sample grids) is described in outputs.py.
 """
 
 import contextlib
@@ -20,11 +19,11 @@ import functools
 import json
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,62 +32,59 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+import outputs
 import sampler
 import toyworld
 from flags import build_parser, option
 
 
+# fmt: off
 @dataclass
 class Args:
     model: str = option("toy", "'toy' (ships with the repo), 'tiny' (random), a hub id or a diffusers folder "
-                               "(paper: SD2 base)")  # fmt: skip
+                               "(paper: SD2 base)")
     rewards: str = option("pref,skin,comp", "comma list of tasks trained jointly")
     prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
     iterations: int = option(1000, "RL iterations (paper: about 1000)")
     batch_size: int = option(16, "images per rank per task per iteration (paper: 16)")
     group_size: int = option(16, "images per prompt for minibatch rewards such as skin (paper: 16)")
     images_per_prompt: int = option(1, "images per prompt for the other rewards (paper: 1); above 1 with "
-                                       "--per-prompt-advantages: a baseline per prompt")  # fmt: skip
-    micro_batch: int = option(
-        0, "images per forward/backward in the update, gradients accumulated (0: the whole batch)"
-    )
+                                       "--per-prompt-advantages: a baseline per prompt")
+    micro_batch: int = option(0, "images per forward/backward in the update, gradients accumulated "
+                                 "(0: the whole batch)")
     num_steps: int = option(50, "DDIM steps T (paper: 50)")
     eta: float = option(1.0, "DDIM stochasticity; must be > 0 (paper: 1.0)")
     guidance: float = option(7.0, "classifier-free guidance scale (paper: 7.0)")
     train_timesteps: int = option(5, "DDIM steps trained per iteration, one optimizer step each (paper: 5)")
     inner_epochs: int = option(1, "passes over each batch, each with fresh --train-timesteps steps "
-                                  "(DDPO's num_inner_epochs; paper: 1)")  # fmt: skip
+                                  "(DDPO's num_inner_epochs; paper: 1)")
     clip_range: float = option(1e-4, "PPO clip epsilon (paper: 1e-4)")
     adv_clip: float = option(10.0, "advantages clamped to [-c, c] (paper code: 10)")
-    per_prompt_advantages: bool = option(
-        False, "normalise rewards per prompt (DDPO's stat tracking) instead of per batch"
-    )
+    per_prompt_advantages: bool = option(False, "normalise rewards per prompt (DDPO's stat tracking) "
+                                                "instead of per batch")
     lr: float = option(2e-6, "AdamW learning rate (paper: 2e-6)")
     weight_decay: float = option(1e-2, "AdamW weight decay (paper: 1e-2)")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
-    pretrain_data: str = option(
-        "", "folder of images + metadata.jsonl captions for L_pre (empty: no pretraining loss)"
-    )
+    pretrain_data: str = option("", "folder of images + metadata.jsonl captions for L_pre "
+                                    "(empty: no pretraining loss)")
     pretrain_weight: float = option(1.0, "beta, the weight of L_pre (paper: not given)")
     pretrain_batch_size: int = option(16, "L_pre images per rank (paper: 16)")
-    pretrain_uncond_prob: float = option(
-        0.0,
-        "share of L_pre captions replaced by the empty caption, to train the unconditional prediction "
-        "that guidance uses too (SD's pretraining: 0.1; 0: the conditional one only)",
-    )
+    pretrain_uncond_prob: float = option(0.0, "share of L_pre captions replaced by the empty caption, to "
+                                              "train the unconditional prediction that guidance uses too "
+                                              "(SD's pretraining: 0.1; 0: the conditional one only)")
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
-                               "(0: full fine-tune, as the paper; needs peft)")  # fmt: skip
-    mixed_precision: str = option("no", "no|fp16|bf16 autocast (paper: bf16)")
+                               "(0: full fine-tune, as the paper; needs peft)")
+    mixed_precision: str = option("no", "autocast dtype (paper: bf16)", choices=list(sampler.DTYPES))
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
-    compile: bool = option(
-        False, "torch.compile the UNet (minutes of compilation first; bench.py: 0.77x forward on CPU)"
-    )
+    compile: bool = option(False, "torch.compile the UNet (minutes of compilation first; "
+                                  "tools/bench.py: 0.77x forward on CPU)")
     seed: int = option(0, "seed of prompts, noise and trained timesteps")
     out: str = option("runs/train", "output folder")
     resume: str = option("", "checkpoint folder to continue from, or 'latest'")
     save_every: int = option(50, "checkpoint every N iterations (and at the end)")
     sample_every: int = option(10, "save a PNG grid of samples every N iterations")
-    log_with: str = option("none", "none|tensorboard|wandb")
+    log_with: str = option("none", "metrics also to", choices=["none", "tensorboard", "wandb"])
+# fmt: on
 
 
 def parse_args(argv=None) -> Args:
@@ -104,10 +100,6 @@ def parse_args(argv=None) -> Args:
         parser.error("--save-every must be >= 1 (a checkpoint is also written at the end and on SIGTERM)")
     if args.seed < 0:
         parser.error("--seed must be >= 0 (it seeds numpy, which takes no negative seeds)")
-    if args.mixed_precision not in ("no", "fp16", "bf16"):
-        parser.error("--mixed-precision must be one of no, fp16, bf16")
-    if args.log_with not in ("none", "tensorboard", "wandb"):
-        parser.error("--log-with must be one of none, tensorboard, wandb")
     if not 0 <= args.pretrain_uncond_prob <= 1:
         parser.error(f"--pretrain-uncond-prob must be between 0 and 1, not {args.pretrain_uncond_prob}")
     if args.micro_batch < 0 or (args.micro_batch and args.batch_size % args.micro_batch):
@@ -121,7 +113,7 @@ def parse_args(argv=None) -> Args:
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x (B, ...) of every rank in rank order: (world * B, ...)."""
+    """Concatenate x (B, ...) of every rank in rank order: (world_size * B, ...)."""
     if not dist.is_initialized():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -147,7 +139,7 @@ def exit_distributed():
 
     With gloo (torch 2.13), freeing the process group joins its worker threads while the main thread holds
     the GIL, and a worker still freeing a finished collective's tensors waits for that GIL: a rare hang at
-    exit, or an abort ("terminate called without an active exception"). README "Scaling out" has numbers.
+    exit, or an abort ("terminate called without an active exception"). docs/engineering-notes.md has numbers.
     """
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -186,13 +178,206 @@ def group_size(task, args: Args) -> int:
     return args.group_size if task.minibatch else args.images_per_prompt
 
 
-#### Advantages: batch-level as the paper, or per prompt as DDPO ####
+#### Set-up: processes, tasks, model, optimizer, resume, logging ####
 
 
-def compute_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Args) -> torch.Tensor:
-    """A = (r - mean(r)) / (std(r) + 1e-7) over the GLOBAL batch, clamped to [-adv_clip, adv_clip].
-    With --per-prompt-advantages, mean and std are those of the same prompt's rewards (where the
-    prompt has at least two samples in the batch), as DDPO's per-prompt stat tracking."""
+@dataclass
+class Run:
+    """What set-up builds once and every step of Algorithm 1 uses."""
+
+    args: Args
+    device: torch.device
+    rank: int
+    world_size: int
+    ddp: bool  # launched by torchrun: the UNet is wrapped in DistributedDataParallel
+    autocast: contextlib.AbstractContextManager  # --mixed-precision autocast, or a null context
+    scaler: torch.amp.GradScaler  # loss scaling, enabled for fp16 only
+    tasks: list  # a rewards.Task per --rewards name, in order
+    prompt_lists: list  # each task's training prompts: a sequence of (prompt, metadata)
+    pipe: object  # the diffusers pipeline; pipe.unet is the trained UNet (fp32 weights)
+    model: torch.nn.Module  # what the update calls: pipe.unet, or DDP around it
+    lora_config: object  # a peft LoraConfig with --lora-rank, else None
+    trainable: list  # the parameters AdamW updates
+    optimizer: torch.optim.Optimizer
+    pretrain_data: list | None  # (image path, caption) pairs of L_pre, None without --pretrain-data
+    start: int = 0  # the first iteration: the checkpoint's when resuming
+    stop: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(1))  # SIGTERM sets it
+    track: Callable | None = None  # sends a metrics row to TensorBoard or W&B (rank 0)
+    close_tracker: Callable | None = None
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, row: dict):
+        """One line of OUT/metrics.jsonl (rank 0), mirrored to the tracker."""
+        if self.master:
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.track(row)
+
+    def warn(self, message: str):
+        if self.master:  # every rank hits the same guards; one message is enough
+            warnings.warn(message, stacklevel=3)
+
+
+def init_processes() -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world_size, ddp): the process group under torchrun, the device from LOCAL_RANK (the
+    global rank would break on 2 nodes); one process on its best device otherwise."""
+    if "RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1, False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size(), True
+
+
+def load_tasks(args: Args, device, world_size: int) -> tuple[list, list]:
+    """The tasks of --rewards and their training prompts; a batch or prompt list that cannot work stops here,
+    before any model loads."""
+    names = [name.strip() for name in args.rewards.split(",") if name.strip()]
+    tasks = [toyworld.load_task(name, args.model, device, args.prompt_file or None) for name in names]
+    prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
+    for task, prompts in zip(tasks, prompt_lists, strict=True):
+        group = group_size(task, args)
+        if args.batch_size % group:
+            raise ValueError(
+                f"--batch-size ({args.batch_size}) must be a multiple of the images per prompt ({group}, "
+                f"--group-size for minibatch rewards, --images-per-prompt for others) for {task.name!r}"
+            )
+        if len(prompts) < world_size:
+            raise ValueError(
+                f"task {task.name!r} has {len(prompts)} prompts for {world_size} ranks; give more prompts"
+            )
+    return tasks, prompt_lists
+
+
+def load_model(args: Args, device, dtype: torch.dtype):
+    """(pipe, lora_config, trainable parameters). The trained UNet loads and stays in fp32 (loading it in bf16
+    first would round the base weights); the frozen text encoder and VAE run in the inference dtype."""
+    pipe = sampler.load_pipeline(args.model, device=device)
+    pipe.text_encoder.to(dtype)
+    torch.nn.Module.to(pipe.vae, dtype)  # torch's .to: diffusers' warns of fp32 modules this VAE lacks
+    unet, lora_config = pipe.unet, None
+    if args.lora_rank > 0:
+        from peft import LoraConfig
+
+        lora_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"])  # fmt: skip
+        unet.add_adapter(lora_config)  # only the adapters require grad
+    else:
+        unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.compile:
+        unet.compile()  # in place: the module, its parameter names and checkpoints stay as they are
+    return pipe, lora_config, [p for p in unet.parameters() if p.requires_grad]
+
+
+def resume(run: Run) -> int:
+    """The iteration to start from: the checkpoint's, with its weights, optimizer and scaler state loaded
+    (prompts and noise are functions of (seed, iteration), so nothing else is needed), or 0."""
+    args = run.args
+    if not args.resume:
+        found = outputs.holds_a_run(args.out)
+        if all_mean(torch.tensor([float(found)], device=run.device)).item() > 0:  # every rank raises together
+            raise FileExistsError(
+                f"{args.out} holds checkpoints of an earlier run: continue it with --resume latest, "
+                "or pass another --out (or delete the folder)"
+            )
+        return 0
+    path = outputs.latest(args.out) if args.resume == "latest" else args.resume
+    outputs.check_resumable(path, dataclasses.asdict(args), run.world_size, run.master)
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location=run.device, weights_only=True)
+    if run.lora_config is None:
+        sampler.load_checkpoint_weights(run.pipe, path)
+    else:
+        sampler.load_lora_weights(run.pipe.unet, os.path.join(path, "lora"))
+    run.optimizer.load_state_dict(state["optimizer"])  # this also restores the checkpoint's lr ...
+    for group in run.optimizer.param_groups:  # ... so this run's --lr and --weight-decay go back in
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    run.scaler.load_state_dict(state["scaler"])
+    return state["iteration"]
+
+
+def setup(args: Args) -> Run:
+    """Processes, tasks, model, optimizer, resume and logging, in this order (the order fixes the RNG)."""
+    device, rank, world_size, ddp = init_processes()
+    torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's weights)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = sampler.DTYPES[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    tasks, prompt_lists = load_tasks(args, device, world_size)
+    pipe, lora_config, trainable = load_model(args, device, dtype)
+    # fused: one kernel for all parameters instead of a loop of small ops (4x faster step on CPU, bench.py)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True
+    )
+    cuda_ids = [device] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(pipe.unet, device_ids=cuda_ids) if ddp else pipe.unet
+    pretrain_data = load_pretrain_data(args.pretrain_data) if args.pretrain_data else None
+    run = Run(args, device, rank, world_size, ddp, autocast, scaler, tasks, prompt_lists, pipe, model,
+              lora_config, trainable, optimizer, pretrain_data)  # fmt: skip
+    run.start = resume(run)
+    if run.master:  # OUT/args.json, OUT/metrics.jsonl up to the start, the tracker
+        run.track, run.close_tracker = outputs.open_logs(
+            args.out, dataclasses.asdict(args), run.start, args.log_with
+        )
+    barrier()
+    # SIGTERM (cluster preemption): finish the iteration, save and exit (checkpoint_or_stop)
+    signal.signal(signal.SIGTERM, lambda *_: run.stop.fill_(1))
+    return run
+
+
+#### Algorithm 1, step 1: sampling ####
+
+
+@dataclass
+class Batch:
+    """One task's samples on this rank: B = --batch-size images, T = --num-steps DDIM steps."""
+
+    prompts: list[str]  # (B,)
+    metadata: list[dict]  # (B,) the task's metadata of each prompt, plus "group": its place in the stream
+    prompt_ids: torch.Tensor  # (B,) index of each prompt in the task's prompt list
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+    latents: torch.Tensor  # (B, T+1, C, h, w): x_T .. x_0, float32
+    log_probs: torch.Tensor  # (B, T) log p_theta_old(x_{t-1} | x_t, c) of each action, float32
+    timesteps: torch.Tensor  # (T,)
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    negative_prompt_embeds: torch.Tensor  # (B, L, D)
+
+
+def sample_batch(run: Run, task_index: int, iteration: int) -> Batch:
+    """This rank's prompts of the task's endless stream -> stochastic DDIM trajectories with per-step
+    log-probs (no grad). A minibatch reward's group of --group-size images of one prompt stays on one rank."""
+    args, task = run.args, run.tasks[task_index]
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # peak_memory_mb: of this task's iteration
+    group = group_size(task, args)
+    per_rank = args.batch_size // group  # prompts per rank
+    first = (iteration * run.world_size + run.rank) * per_rank  # this rank's place in the prompt stream
+    items, indices = draw_prompts(run.prompt_lists[task_index], first, per_rank, args.seed + task_index)
+    prompts = [prompt for prompt, _ in items for _ in range(group)]
+    metadata = [{**meta, "group": first + i} for i, (_, meta) in enumerate(items) for _ in range(group)]
+    prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
+    generator = torch.Generator().manual_seed(rank_seed(args.seed, iteration, task_index, run.rank))
+    with run.autocast:
+        trajectories = sampler.sample(run.pipe, prompts, args.num_steps, args.guidance, args.eta, generator)
+    return Batch(prompts, metadata, prompt_ids, **trajectories)
+
+
+#### Algorithm 1, step 2: advantages, batch-level as the paper (or per prompt as DDPO) ####
+
+
+def global_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Args) -> torch.Tensor:
+    """A = (r - mean(r)) / (std(r) + 1e-7) over the GLOBAL batch (every rank's rewards), clamped to
+    [-adv_clip, adv_clip]. With --per-prompt-advantages, mean and std are those of the same prompt's rewards
+    (where the prompt has at least two samples in the batch), as DDPO's per-prompt stat tracking."""
     mean = torch.full_like(rewards, rewards.mean().item())
     std = torch.full_like(rewards, rewards.std(correction=0).item())
     if args.per_prompt_advantages:
@@ -203,16 +388,147 @@ def compute_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Ar
     return ((rewards - mean) / (std + 1e-7)).clamp(-args.adv_clip, args.adv_clip)
 
 
-#### The pretraining loss L_pre ####
+#### Algorithm 1, step 3: K clipped policy-gradient steps ####
+
+
+def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range: float) -> tuple[torch.Tensor, ...]:
+    """Eq. 4, the loss to minimise: mean of max(-A w, -A clip(w, 1 - eps, 1 + eps)) with the policy ratio
+    w = p_theta / p_theta_old. Returns it and log w (B,)."""
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(pg_loss1, pg_loss2).mean(), log_ratio
+
+
+def optimizer_step(run: Run, what: str) -> tuple[torch.Tensor, bool]:
+    """Unscale the gradient (fp16), clip it to --max-grad-norm and step, or skip the step when the gradient
+    is not finite. DDP averaged the gradients, so every rank sees the same norm and skips together.
+    Returns the norm before clipping and whether the step was skipped."""
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.args.max_grad_norm)
+    skipped = not torch.isfinite(grad_norm)
+    if skipped:
+        run.warn(f"{what}: non-finite gradient, step skipped")
+        run.optimizer.zero_grad(set_to_none=True)
+    else:
+        run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return grad_norm, skipped
+
+
+STEP_STATS = ("loss", "approx_kl", "clipfrac", "ratio_error", "skipped", "grad_norm")  # per trained step
+
+
+def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int, iteration: int) -> dict:
+    """--train-timesteps of the T DDIM steps, drawn without replacement (afresh for each of --inner-epochs
+    passes); for each, ONE optimizer step of the clipped surrogate over the whole batch, in --micro-batch
+    chunks. Returns {name: (K,) tensor} of STEP_STATS averaged over ranks, and "ddim_steps", in training
+    order. The UNet stays in eval mode (it has no dropout): sampling and training compute the same function,
+    so w = 1 exactly at the first trained step."""
+    args, task = run.args, run.tasks[task_index]
+    step_order = np.random.default_rng([args.seed, iteration, task_index])
+    ddim_steps = np.concatenate([
+        step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
+        for _ in range(args.inner_epochs)
+    ])  # fmt: skip
+    micro = args.micro_batch or args.batch_size
+    per_step = []
+    for j in ddim_steps:
+        run.optimizer.zero_grad(set_to_none=True)
+        stats = dict.fromkeys(
+            ["loss", "approx_kl", "clipfrac", "ratio_error"], torch.zeros((), device=run.device)
+        )
+        for m in range(0, args.batch_size, micro):
+            rows = slice(m, m + micro)
+            sync = m + micro >= args.batch_size or not run.ddp  # DDP averages gradients at the last chunk
+            with contextlib.nullcontext() if sync else run.model.no_sync(), run.autocast:
+                # log p_theta(x_{t-1} | x_t, c) of the stored action, under the current weights: (micro,)
+                log_prob = sampler.step_log_prob(
+                    run.model, run.pipe.scheduler, batch.latents[rows, j], batch.latents[rows, j + 1],
+                    batch.timesteps[j], batch.prompt_embeds[rows], batch.negative_prompt_embeds[rows],
+                    args.guidance, args.eta,
+                )  # fmt: skip
+            loss, log_ratio = clipped_surrogate(
+                log_prob, batch.log_probs[rows, j], advantages[rows], args.clip_range
+            )
+            share = len(log_ratio) / args.batch_size  # this chunk's part of the batch mean
+            run.scaler.scale(loss * share).backward()
+            log_ratio = log_ratio.detach()
+            off = (torch.exp(log_ratio) - 1).abs()  # |w - 1|
+            stats["loss"] = stats["loss"] + share * loss.detach()
+            stats["approx_kl"] = stats["approx_kl"] + share * (0.5 * (log_ratio**2).mean())  # as DDPO
+            stats["clipfrac"] = stats["clipfrac"] + share * (off > args.clip_range).float().mean()
+            stats["ratio_error"] = torch.maximum(stats["ratio_error"], off.max())
+        grad_norm, skipped = optimizer_step(run, f"iteration {iteration} {task.name}")
+        stats["skipped"] = torch.tensor(float(skipped), device=run.device)
+        stats["grad_norm"] = (
+            grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0)
+        )  # before clipping, 0 if skipped
+        per_step.append(torch.stack([stats[name] for name in STEP_STATS]))
+    averaged = all_mean(torch.stack(per_step)).cpu()  # (K, len(STEP_STATS)), averaged over ranks
+    per_step = {name: averaged[:, i] for i, name in enumerate(STEP_STATS)}
+    if per_step["ratio_error"][0] > 1e-3:
+        run.warn(
+            f"the policy ratio before the first update is off by {per_step['ratio_error'][0]:.2e}: sampling "
+            "and training disagree (eta, guidance, scheduler or precision)"
+        )
+    return {**per_step, "ddim_steps": ddim_steps}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
+
+
+def metrics_row(run: Run, task, iteration, rewards, info: dict, per_step: dict, times: list[float]) -> dict:
+    """One OUT/metrics.jsonl line: rewards (global batch), the update's statistics (the *_per_step lists in
+    training order, trained_steps naming each entry's DDIM step, 0 the noisiest) and where time went."""
+    start, sampled, scored, updated = times
+    row = {"iteration": iteration, "task": task.name, "reward_mean": rewards.mean().item(),
+           "reward_std": rewards.std(correction=0).item(), "samples": len(rewards)}  # fmt: skip
+    row.update({name: per_step[name].mean().item() for name in ("loss", "approx_kl", "clipfrac")})
+    row.update(
+        {f"{name}_per_step": per_step[name].tolist() for name in ("approx_kl", "clipfrac", "grad_norm")}
+    )
+    row.update(
+        trained_steps=per_step["ddim_steps"].tolist(),
+        ratio_error_first=per_step["ratio_error"][0].item(),  # |w - 1| before the update: 0 on-policy
+        skipped_steps=int(per_step["skipped"].sum().item()),
+        seconds=updated - start,
+        seconds_sampling=sampled - start,
+        seconds_reward=scored - sampled,
+        seconds_update=updated - scored,
+        peak_memory_mb=peak_memory_mb(run.device),
+    )
+    return row | {f"reward_{k}": v for k, v in info.items()}
+
+
+def non_finite_rewards_row(run: Run, task, iteration: int, rewards: torch.Tensor, start: float) -> dict:
+    """The metrics line of a task whose gathered rewards are not all finite: its update is skipped."""
+    run.warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
+    skipped = run.args.train_timesteps * run.args.inner_epochs
+    return {"iteration": iteration, "task": task.name, "samples": len(rewards),
+            "non_finite_rewards": int((~torch.isfinite(rewards)).sum()), "skipped_steps": skipped,
+            "seconds": time.time() - start}  # fmt: skip
+
+
+def save_samples(run: Run, task, batch: Batch, iteration: int):
+    """OUT/samples-<iteration>-<task>.png, 16 images of rank 0, every --sample-every iterations."""
+    if run.master and run.args.sample_every and iteration % run.args.sample_every == 0:
+        path = os.path.join(run.args.out, f"samples-{iteration:05d}-{task.name}.png")
+        outputs.save_grid(batch.images[:16], path)
+
+
+#### Algorithm 1, step 4: the pretraining loss L_pre ####
 
 
 def load_pretrain_data(folder: str) -> list[tuple[str, str]]:
     """(image path, caption) pairs from folder/metadata.jsonl lines {"file_name": ..., "text": ...}."""
     index = os.path.join(folder, "metadata.jsonl")
     if not os.path.isfile(index):
-        raise FileNotFoundError(
-            f"--pretrain-data {folder} has no metadata.jsonl; see README 'Pretraining loss'"
-        )
+        raise FileNotFoundError(f"--pretrain-data {folder} has no metadata.jsonl; see the README's 'L_pre'")
     with open(index) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
@@ -265,11 +581,36 @@ def pretrain_loss(
     return torch.nn.functional.mse_loss(pred, target)
 
 
+def pretrain_step(run: Run, iteration: int) -> dict:
+    """One optimizer step of beta * L_pre on --pretrain-batch-size image-caption pairs per rank, after the
+    iteration's RL steps (Algorithm 1). Returns its metrics line."""
+    args, start = run.args, time.time()
+    seed = rank_seed(args.seed, iteration, len(run.tasks), run.rank)
+    size = run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor
+    captions, arrays = read_pretrain_images(run.pretrain_data, args.pretrain_batch_size, size, seed)
+    # decided together: a rank that raised alone would leave the others waiting in a collective
+    if all_mean(torch.tensor(float(not captions), device=run.device)).item() > 0:
+        raise ValueError(
+            f"--pretrain-data: at iteration {iteration} some rank could read none of the "
+            f"{min(len(run.pretrain_data), args.pretrain_batch_size)} images it drew (see the warnings); "
+            "fix or remove the broken files, then continue with --resume latest"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    with run.autocast:
+        loss = pretrain_loss(run.pipe, run.model, captions, arrays, seed, args.pretrain_uncond_prob)
+    run.scaler.scale(args.pretrain_weight * loss).backward()
+    grad_norm, skipped = optimizer_step(run, f"iteration {iteration} pretrain")
+    grad_norm = 0.0 if skipped else grad_norm.item()  # of beta * L_pre before clipping, as the RL steps'
+    loss = all_mean(loss.detach()).item()
+    return {"iteration": iteration, "task": "pretrain", "loss": loss, "grad_norm": grad_norm,
+            "skipped_steps": int(skipped), "seconds": time.time() - start}  # fmt: skip
+
+
 #### Checkpoints: atomic (temp folder + rename), exact resume ####
 
 
 def weight_checksums(parameters) -> torch.Tensor:
-    """(world, 2): sum and sum of squares of the trained weights on each rank. DDP keeps replicas
+    """(world_size, 2): sum and sum of squares of the trained weights on each rank. DDP keeps replicas
     identical; a difference means the ranks diverged and the run must stop before saving."""
     # One parameter at a time: a float64 copy of all weights at once would double a large model's memory.
     sums = sum(
@@ -278,455 +619,77 @@ def weight_checksums(parameters) -> torch.Tensor:
     return all_gather(sums[None]).cpu()
 
 
-def save_checkpoint(
-    path: str, unet, optimizer, scaler, iteration: int, args: Args, lora_config=None, checksums=None, world=1
-):
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if lora_config is None:
-        unet.save_pretrained(os.path.join(tmp, "unet"))
-    else:
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        lora_config.save_pretrained(os.path.join(tmp, "lora"))
-        save_file(get_peft_model_state_dict(unet), os.path.join(tmp, "lora", "adapter_model.safetensors"))
-    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration}
-    torch.save({**state, "rank_checksums": checksums}, os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:  # read back by check_resumable
-        json.dump({**dataclasses.asdict(args), "world_size": world}, f, indent=2)
-    old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def save_checkpoint(run: Run, name: str, iteration: int):
+    """OUT/name/: every rank checks that the replicas agree, rank 0 writes, everyone waits."""
+    checksums = weight_checksums(run.trainable)
+    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"the ranks' weights diverged (checksums {checksums.tolist()}); not saving {name}")
+    if run.master:
+        state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
+        state.update(iteration=iteration, rank_checksums=checksums)
+        run_args = {**dataclasses.asdict(run.args), "world_size": run.world_size}
+        outputs.write(os.path.join(run.args.out, name), run.pipe.unet, run.lora_config, state, run_args)
+    barrier()
 
 
-def latest_checkpoint(out: str) -> str:
-    names = (
-        [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
-        if os.path.isdir(out)
-        else []
-    )
-    if not names:
-        raise FileNotFoundError(f"--resume latest: no checkpoint-<iteration> folder in {out}")
-    return os.path.join(out, max(names, key=lambda n: int(n[11:])))
+def checkpoint_or_stop(run: Run, iteration: int) -> bool:
+    """Save checkpoint-<n> every --save-every iterations, at the last one and on SIGTERM; True on SIGTERM:
+    the run then ends (exit 0) and continues with --resume latest."""
+    done = iteration + 1
+    stopping = all_mean(run.stop.to(run.device)).item() > 0  # every rank agrees, so nobody hangs
+    if done % run.args.save_every == 0 or done == run.args.iterations or stopping:
+        save_checkpoint(run, f"checkpoint-{done}", done)
+    if stopping and run.master:
+        print(f"SIGTERM: saved checkpoint-{done}; continue with --resume latest")
+    return stopping
 
 
-# What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
-RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
-                "train_timesteps", "inner_epochs", "lora_rank", "prompt_file")  # fmt: skip
-BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with")
-
-
-def check_resumable(path: str, args: Args, world: int, master: bool = True):
-    """Refuse to resume a checkpoint under arguments that would not continue it exactly."""
-    if not os.path.isfile(os.path.join(path, "train_state.pt")):
-        raise FileNotFoundError(f"--resume: {path} is not a train.py checkpoint (no train_state.pt)")
-    with open(os.path.join(path, "args.json")) as f:
-        saved = json.load(f)
-    changed = [
-        f"--{name.replace('_', '-')} {saved[name]!r} -> {getattr(args, name)!r}"
-        for name in RUN_DEFINING
-        if name in saved and saved[name] != getattr(args, name)
-    ]
-    if changed:
-        raise ValueError(
-            f"--resume {path}: the checkpoint was made with other settings ({'; '.join(changed)}); "
-            "resume with the checkpoint's values (its args.json), or start a new run in another --out"
-        )
-    tuned = [
-        f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}"
-        for name, value in dataclasses.asdict(args).items()
-        if name not in RUN_DEFINING + BOOKKEEPING and name in saved and saved[name] != value
-    ]
-    if tuned and master:  # allowed (say, a lower learning rate from here on), but said
-        warnings.warn(f"--resume {path}: continuing with changed settings: {'; '.join(tuned)}", stacklevel=2)
-    if saved.get("world_size", world) != world and master:
-        warnings.warn(
-            f"--resume {path}: {saved['world_size']} ranks made the checkpoint, {world} continue it; the "
-            "global batch and the noise change, so the run continues but not exactly as it would have",
-            stacklevel=2,
-        )
-
-
-def save_grid(images: torch.Tensor, path: str, columns: int = 8):
-    """images (N, 3, H, W) in [0, 1] -> one PNG."""
-    n, _, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    grid = torch.zeros(3, rows * h, columns * w)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
-
-
-#### Logging ####
-
-
-def open_tracker(args: Args):
-    """(track, close): track(row) sends a metrics row's numbers to TensorBoard or W&B; close() flushes."""
-
-    def scalars(row):  # "comp/reward_mean": 0.61, ...
-        return {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
-
-    if args.log_with == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
-
-        def track(row):
-            for tag, value in scalars(row).items():
-                writer.add_scalar(tag, value, row["iteration"])
-
-        return track, writer.close
-    if args.log_with == "wandb":
-        import wandb
-
-        wandb.init(project="large-scale-rl-diffusion", config=dataclasses.asdict(args), dir=args.out)
-        return lambda row: wandb.log(scalars(row), step=row["iteration"]), wandb.finish
-    return lambda row: None, lambda: None
+#### Algorithm 1 ####
 
 
 def main(args: Args):
-    #### Setup: processes, devices, models ####
-    ddp = "RANK" in os.environ
-    if ddp:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        rank, world = 0, 1
-    master = rank == 0
-    torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's weights)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if args.mixed_precision != "no" else contextlib.nullcontext()
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-
-    task_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    tasks = [toyworld.load_task(name, args.model, device, args.prompt_file or None) for name in task_names]
-    prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
-    for task, prompts in zip(tasks, prompt_lists, strict=True):
-        group = group_size(task, args)
-        if args.batch_size % group:
-            raise ValueError(
-                f"--batch-size ({args.batch_size}) must be a multiple of the images per prompt ({group}, "
-                f"--group-size for minibatch rewards, --images-per-prompt for others) for {task.name!r}"
-            )
-        if len(prompts) < world:
-            raise ValueError(
-                f"task {task.name!r} has {len(prompts)} prompts for {world} ranks; give more prompts"
-            )
-
-    # The trained UNet loads and stays in fp32 (loading it in bf16 first would round the base weights);
-    # the frozen text encoder and VAE run in the inference dtype.
-    pipe = sampler.load_pipeline(args.model, device=device)
-    pipe.text_encoder.to(dtype)
-    torch.nn.Module.to(pipe.vae, dtype)  # torch's .to: diffusers' warns of fp32 modules this VAE lacks
-    unet = pipe.unet
-    lora_config = None
-    if args.lora_rank > 0:
-        from peft import LoraConfig
-
-        lora_config = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        )
-        unet.add_adapter(lora_config)  # only the adapters require grad
-    else:
-        unet.requires_grad_(True)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.compile:
-        unet.compile()  # in place: the module, its parameter names and checkpoints stay as they are
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    # fused: one kernel for all parameters instead of a loop of small ops (4x faster step on CPU, bench.py)
-    optimizer = torch.optim.AdamW(
-        trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True
-    )
-    model = (
-        torch.nn.parallel.DistributedDataParallel(
-            unet, device_ids=[device] if device.type == "cuda" else None
-        )
-        if ddp
-        else unet
-    )
-    pretrain_data = load_pretrain_data(args.pretrain_data) if args.pretrain_data else None
-
-    #### Resume: weights, optimizer, iteration; prompts and noise are functions of (seed, iteration) ####
-    start = 0
-    if not args.resume:
-        # a fresh run must not mix with another run's checkpoints (--resume latest would pick them up)
-        found = os.path.isdir(args.out) and any(n.startswith("checkpoint-") for n in os.listdir(args.out))
-        if all_mean(torch.tensor([float(found)], device=device)).item() > 0:  # every rank raises together
-            raise FileExistsError(
-                f"{args.out} holds checkpoints of an earlier run: continue it with --resume latest, "
-                "or pass another --out (or delete the folder)"
-            )
-    else:
-        path = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
-        check_resumable(path, args, world, master)
-        state = torch.load(os.path.join(path, "train_state.pt"), map_location=device, weights_only=True)
-        if lora_config is None:
-            sampler.load_checkpoint_weights(pipe, path)
-        else:
-            sampler.load_lora_weights(unet, os.path.join(path, "lora"))
-        optimizer.load_state_dict(state["optimizer"])  # this also restores the checkpoint's lr ...
-        for group in optimizer.param_groups:  # ... so this run's --lr and --weight-decay go back in
-            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-        scaler.load_state_dict(state["scaler"])
-        start = state["iteration"]
-
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-        if os.path.exists(metrics_path):  # keep only the history up to the checkpoint we continue from
-            with open(metrics_path) as f:  # a line cut off by a kill has no newline: drop it
-                lines = [line for line in f if line.endswith("\n")]
-                kept = [line for line in lines if start and json.loads(line)["iteration"] < start]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-        track, close_tracker = open_tracker(args)
-    barrier()
-
-    stop = torch.zeros(1)  # set by SIGTERM (cluster preemption): save and exit at the end of the iteration
-    signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))
-
-    def warn(message: str):
-        if master:  # every rank hits the same guards; one message is enough
-            warnings.warn(message, stacklevel=2)
-
-    def log(row: dict):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            track(row)
-
-    def save(name: str, iteration: int):
-        checksums = weight_checksums(trainable)
-        if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
-            raise RuntimeError(
-                f"the ranks' weights diverged (checksums {checksums.tolist()}); not saving {name}"
-            )
-        if master:
-            path = os.path.join(args.out, name)
-            save_checkpoint(path, unet, optimizer, scaler, iteration, args, lora_config, checksums, world)
-        barrier()
-
-    stopping = False
-    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations, disable=not master)
+    run = setup(args)  # processes, tasks, model, optimizer, resume, logging
+    iterations = range(run.start, args.iterations)
+    bar = tqdm(iterations, initial=run.start, total=args.iterations, disable=not run.master)
     for iteration in bar:
-        for task_index, (task, prompts) in enumerate(zip(tasks, prompt_lists, strict=True)):
-            t0 = time.time()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+        for task_index, task in enumerate(run.tasks):  # every task in turn
+            start = time.time()
+            # 1. SAMPLING: trajectories with per-step log-probs, no grad
+            batch = sample_batch(run, task_index, iteration)
+            sampled = time.time()
 
-            #### SAMPLING ####
-            group = group_size(task, args)
-            per_rank = args.batch_size // group  # prompts per rank
-            first = (iteration * world + rank) * per_rank  # this rank's place in the endless prompt stream
-            items, indices = draw_prompts(prompts, first, per_rank, args.seed + task_index)
-            batch_prompts = [prompt for prompt, _ in items for _ in range(group)]
-            metadata = [
-                {**meta, "group": first + i} for i, (_, meta) in enumerate(items) for _ in range(group)
-            ]
-            prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
-            generator = torch.Generator().manual_seed(rank_seed(args.seed, iteration, task_index, rank))
-            with autocast:
-                traj = sampler.sample(pipe, batch_prompts, args.num_steps, args.guidance, args.eta, generator)
-            latents = traj["latents"]  # (B, T+1, C, h, w)
-            old_log_probs = traj["log_probs"]  # (B, T)
-            t1 = time.time()
+            # 2. REWARDS, gathered over all ranks; batch-level advantages over the global batch
+            rewards, info = task.reward(batch.images, batch.prompts, batch.metadata)  # (B,)
+            global_rewards = all_gather(rewards.float().to(run.device)).cpu()  # (world_size * B,)
+            if not torch.isfinite(global_rewards).all():  # every rank gathered the same: all skip together
+                run.log(non_finite_rewards_row(run, task, iteration, global_rewards, start))
+                continue
+            global_prompt_ids = all_gather(batch.prompt_ids.to(run.device)).cpu()
+            advantages = global_advantages(global_rewards, global_prompt_ids, args)
+            advantages = advantages[run.rank * args.batch_size : (run.rank + 1) * args.batch_size]  # (B,)
+            scored = time.time()
 
-            #### REWARDS ####
-            rewards, info = task.reward(traj["images"], batch_prompts, metadata)  # (B,)
-            global_rewards = all_gather(rewards.float().to(device)).cpu()  # (world * B,)
-            global_prompt_ids = all_gather(prompt_ids.to(device)).cpu()
-            if not torch.isfinite(global_rewards).all():
-                warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
-                log({
-                    "iteration": iteration,
-                    "task": task.name,
-                    "samples": len(global_rewards),
-                    "non_finite_rewards": int((~torch.isfinite(global_rewards)).sum()),
-                    "skipped_steps": args.train_timesteps * args.inner_epochs,
-                    "seconds": time.time() - t0,
-                })  # fmt: skip
-                continue  # every rank sees the same gathered rewards, so every rank skips together
-            advantages = compute_advantages(global_rewards, global_prompt_ids, args)
-            advantages = advantages[rank * args.batch_size : (rank + 1) * args.batch_size].to(device)  # (B,)
-            t2 = time.time()
+            # 3. TRAINING: K DDIM steps, one optimizer step of the clipped surrogate (Eq. 4) each
+            per_step = ppo_update(run, batch, advantages.to(run.device), task_index, iteration)
+            times = [start, sampled, scored, time.time()]
+            run.log(metrics_row(run, task, iteration, global_rewards, info, per_step, times))
+            save_samples(run, task, batch, iteration)
+            bar.set_postfix({task.name: f"{global_rewards.mean().item():.3f}"})
 
-            #### TRAINING: one optimizer step per drawn DDIM step (the paper's Algorithm 1) ####
-            # The UNet stays in eval mode (it has no dropout): sampling and training compute the same
-            # function, so w = 1 exactly at the first trained step.
-            step_order = np.random.default_rng([args.seed, iteration, task_index])
-            trained = np.concatenate([
-                step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
-                for _ in range(args.inner_epochs)
-            ])  # fmt: skip
-            micro = args.micro_batch or args.batch_size
-            stats = []  # per trained step: loss, approx_kl, clipfrac, max |ratio - 1|, skipped, grad norm
-            for j in trained:
-                optimizer.zero_grad(set_to_none=True)
-                step_stats = torch.zeros(4, device=device)
-                for m in range(0, args.batch_size, micro):
-                    rows = slice(m, m + micro)
-                    sync = m + micro >= args.batch_size or not ddp
-                    with contextlib.nullcontext() if sync else model.no_sync(), autocast:
-                        log_prob = sampler.step_log_prob(
-                            model,
-                            pipe.scheduler,
-                            latents[rows, j],
-                            latents[rows, j + 1],
-                            traj["timesteps"][j],
-                            traj["prompt_embeds"][rows],
-                            traj["negative_prompt_embeds"][rows],
-                            args.guidance,
-                            args.eta,
-                        )
-                    # Eq. 4: w_t = p_theta / p_theta_old; J = min(w A, clip(w, 1 - eps, 1 + eps) A)
-                    log_ratio = log_prob - old_log_probs[rows, j]
-                    ratio = torch.exp(log_ratio)
-                    pg_loss1 = -advantages[rows] * ratio
-                    pg_loss2 = -advantages[rows] * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
-                    loss = torch.maximum(pg_loss1, pg_loss2).mean()
-                    share = len(ratio) / args.batch_size  # this micro-batch's part of the batch mean
-                    scaler.scale(loss * share).backward()
-                    ratio, log_ratio = ratio.detach(), log_ratio.detach()
-                    step_stats += share * torch.stack([
-                        loss.detach(),
-                        0.5 * (log_ratio**2).mean(),  # approx_kl, as DDPO
-                        ((ratio - 1).abs() > args.clip_range).float().mean(),  # clipfrac
-                        torch.zeros((), device=device),
-                    ])  # fmt: skip
-                    step_stats[3] = torch.maximum(step_stats[3], (ratio - 1).abs().max())
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                # DDP averaged the gradients, so every rank sees the same norm and skips together.
-                skipped = not torch.isfinite(grad_norm)
-                if skipped:
-                    warn(f"iteration {iteration} {task.name}: non-finite gradient, step skipped")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.update()
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                skip = torch.tensor([float(skipped)], device=device)
-                # the gradient norm before clipping (0 when the step was skipped)
-                norm = grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0).reshape(1)
-                stats.append(torch.cat([step_stats, skip, norm]))
-            stats = all_mean(torch.stack(stats)).cpu()  # (inner_epochs * K, 6), averaged over ranks
-            if stats[0, 3] > 1e-3:
-                warn(
-                    f"the policy ratio before the first update is off by {stats[0, 3]:.2e}: sampling "
-                    "and training disagree (eta, guidance, scheduler or precision)"
-                )
-            t3 = time.time()
+        # 4. L_pre: one step on image-caption data after the RL steps
+        if run.pretrain_data is not None:
+            run.log(pretrain_step(run, iteration))
 
-            if device.type == "cuda":
-                peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-            else:
-                peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
-            row = {
-                "iteration": iteration,
-                "task": task.name,
-                "reward_mean": global_rewards.mean().item(),
-                "reward_std": global_rewards.std(correction=0).item(),
-                "samples": len(global_rewards),
-                "loss": stats[:, 0].mean().item(),
-                "approx_kl": stats[:, 1].mean().item(),
-                "clipfrac": stats[:, 2].mean().item(),
-                "approx_kl_per_step": stats[:, 1].tolist(),
-                "clipfrac_per_step": stats[:, 2].tolist(),
-                "grad_norm_per_step": stats[:, 5].tolist(),
-                "trained_steps": trained.tolist(),  # the DDIM step of each per-step entry, in training order
-                "ratio_error_first": stats[0, 3].item(),
-                "skipped_steps": int(stats[:, 4].sum().item()),
-                "seconds": t3 - t0,
-                "seconds_sampling": t1 - t0,
-                "seconds_reward": t2 - t1,
-                "seconds_update": t3 - t2,
-                "peak_memory_mb": peak_mb,
-                **{f"reward_{k}": v for k, v in info.items()},
-            }
-            log(row)
-            if master and args.sample_every and iteration % args.sample_every == 0:
-                save_grid(
-                    traj["images"][:16], os.path.join(args.out, f"samples-{iteration:05d}-{task.name}.png")
-                )
-            bar.set_postfix({task.name: f"{row['reward_mean']:.3f}"})
-
-        #### PRETRAINING LOSS (L_pre), one step after the RL steps (Algorithm 1) ####
-        if pretrain_data is not None:
-            t0 = time.time()
-            seed = rank_seed(args.seed, iteration, len(tasks), rank)
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            captions, arrays = read_pretrain_images(pretrain_data, args.pretrain_batch_size, size, seed)
-            # decided together: a rank that raised alone would leave the others waiting in a collective
-            if all_mean(torch.tensor(float(not captions), device=device)).item() > 0:
-                raise ValueError(
-                    f"--pretrain-data: at iteration {iteration} some rank could read none of the "
-                    f"{min(len(pretrain_data), args.pretrain_batch_size)} images it drew (see the warnings); "
-                    "fix or remove the broken files, then continue with --resume latest"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = pretrain_loss(pipe, model, captions, arrays, seed, args.pretrain_uncond_prob)
-            scaler.scale(args.pretrain_weight * loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            skipped = not torch.isfinite(grad_norm)  # the same on every rank, as for the RL steps
-            if skipped:
-                warn(f"iteration {iteration} pretrain: non-finite gradient, step skipped")
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                scaler.step(optimizer)
-            scaler.update()
-            log(
-                {
-                    "iteration": iteration,
-                    "task": "pretrain",
-                    "loss": all_mean(loss.detach()).item(),
-                    # of beta * L_pre before clipping, 0 when skipped, as grad_norm_per_step
-                    "grad_norm": 0.0 if skipped else grad_norm.item(),
-                    "skipped_steps": int(skipped),
-                    "seconds": time.time() - t0,
-                }
-            )
-
-        #### CHECKPOINT: every rank checks the replicas agree, rank 0 writes, everyone waits ####
-        done = iteration + 1
-        stopping = all_mean(stop.to(device)).item() > 0  # every rank agrees, so nobody hangs
-        if done % args.save_every == 0 or done == args.iterations or stopping:
-            save(f"checkpoint-{done}", done)
-        if stopping:
-            if master:
-                print(f"SIGTERM: saved checkpoint-{done}; continue with --resume latest")
+        # 5. CHECKPOINT: atomic, every --save-every iterations; SIGTERM saves and stops here
+        if checkpoint_or_stop(run, iteration):
             break
-
-    if not stopping:
-        save("final", args.iterations)
+    else:  # all iterations done, no SIGTERM
+        save_checkpoint(run, "final", args.iterations)
     bar.close()
-    if master:
-        close_tracker()
-    if ddp:
-        exit_distributed()  # every rank has saved and passed save()'s barrier: main() does not return
+    if run.master:
+        run.close_tracker()
+    if run.ddp:
+        exit_distributed()  # every rank has saved and passed the barrier after it: main() does not return
 
 
 if __name__ == "__main__":

@@ -425,7 +425,7 @@ def test_global_advantages_use_every_rank(tmp_path):
         "args = train.parse_args([])\n"
         "local = torch.tensor([0.0, 1.0]) + 10 * rank  # rank 0: 0, 1; rank 1: 10, 11\n"
         "everyone = train.all_gather(local)\n"
-        "adv = train.compute_advantages(everyone, torch.arange(4), args)[2 * rank : 2 * rank + 2]\n"
+        "adv = train.global_advantages(everyone, torch.arange(4), args)[2 * rank : 2 * rank + 2]\n"
         "expected = (everyone - everyone.mean()) / (everyone.std(correction=0) + 1e-7)\n"
         "assert torch.allclose(adv, expected[2 * rank : 2 * rank + 2]), adv\n"
         "assert (adv < 0).all() if rank == 0 else (adv > 0).all()  # local normalisation would give -1, 1\n"
@@ -440,11 +440,11 @@ def test_global_advantages_use_every_rank(tmp_path):
 def test_per_prompt_advantages():
     args = train.parse_args(["--per-prompt-advantages"])
     r = torch.tensor([1.0, 3.0, 10.0, 30.0, 5.0])
-    adv = train.compute_advantages(r, torch.tensor([0, 0, 1, 1, 2]), args)
+    adv = train.global_advantages(r, torch.tensor([0, 0, 1, 1, 2]), args)
     torch.testing.assert_close(adv[:4], torch.tensor([-1.0, 1.0, -1.0, 1.0]), rtol=0, atol=1e-5)
     batch = (r - r.mean()) / (r.std(correction=0) + 1e-7)  # a prompt seen once falls back to the batch
     torch.testing.assert_close(adv[4], batch[4])
-    clipped = train.compute_advantages(
+    clipped = train.global_advantages(
         torch.tensor([0.0] * 999 + [1.0]), torch.arange(1000), train.parse_args([])
     )
     assert clipped.max() == 10.0  # --adv-clip
@@ -453,7 +453,7 @@ def test_per_prompt_advantages():
 def test_images_per_prompt_give_per_prompt_baselines(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(
-        train, "compute_advantages", lambda r, ids, args: seen.append(ids) or torch.zeros_like(r)
+        train, "global_advantages", lambda r, ids, args: seen.append(ids) or torch.zeros_like(r)
     )
     run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--batch-size", "4",
         "--images-per-prompt", "2", "--per-prompt-advantages")  # fmt: skip
