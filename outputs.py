@@ -14,6 +14,7 @@ one under its name. train.py's loop is Algorithm 1; this file is the bookkeeping
 
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -50,21 +51,39 @@ def write(path: str, unet, lora_config, train_state: dict, args: dict):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def holds_a_run(out: str) -> bool:
-    """Whether --out holds checkpoints (a fresh run there would mix with them: --resume latest picks them)."""
-    return os.path.isdir(out) and any(name.startswith("checkpoint-") for name in os.listdir(out))
+def checkpoint_iterations(out: str) -> list[int]:
+    """The iterations of the complete checkpoint-<n> folders in out (a write in progress, or cut short by a
+    kill, is still NAME.tmp and never counts)."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted(int(name[11:]) for name in names if re.fullmatch(r"checkpoint-\d+", name))
 
 
 def latest(out: str) -> str:
     """OUT/checkpoint-<n> with the largest n."""
-    names = (
-        [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()]
-        if os.path.isdir(out)
-        else []
-    )
-    if not names:
-        raise FileNotFoundError(f"--resume latest: no checkpoint-<iteration> folder in {out}")
-    return os.path.join(out, max(names, key=lambda n: int(n[11:])))
+    iterations = checkpoint_iterations(out)
+    if not iterations:
+        raise FileNotFoundError(
+            f"--resume latest: {out} holds no complete checkpoint-<iteration>; a run stopped before its "
+            "first checkpoint starts again with the same command without --resume"
+        )
+    return os.path.join(out, f"checkpoint-{iterations[-1]}")
+
+
+def remove_leftovers(out: str):
+    """Clear what a kill in the middle of write() left in out, saying so in one line each: NAME.tmp (not
+    complete, or not yet renamed) is removed; NAME.old (the complete previous NAME, moved aside) goes back to
+    its name when NAME is missing, and is removed when NAME is there."""
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        match = re.fullmatch(r"(checkpoint-\d+|final)\.(tmp|old)", name)
+        if not match:
+            continue
+        path, kept = os.path.join(out, name), os.path.join(out, match[1])
+        if match[2] == "old" and not os.path.exists(kept):
+            os.replace(path, kept)
+            print(f"{out}: put {name} back as {match[1]}: an interrupted checkpoint write had moved it aside")
+        else:
+            shutil.rmtree(path)
+            print(f"{out}: removed {name}, left behind by a checkpoint write that was interrupted")
 
 
 def check_resumable(path: str, args: dict, world_size: int, master: bool = True):

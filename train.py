@@ -280,8 +280,11 @@ def resume(run: Run) -> int:
     """The iteration to start from: the checkpoint's, with its weights, optimizer and scaler state loaded
     (prompts and noise are functions of (seed, iteration), so nothing else is needed), or 0."""
     args = run.args
+    if run.master:  # what a kill during a checkpoint write left never counts as the run's state
+        outputs.remove_leftovers(args.out)
+    barrier()
     if not args.resume:
-        found = outputs.holds_a_run(args.out)
+        found = bool(outputs.checkpoint_iterations(args.out))
         if all_mean(torch.tensor([float(found)], device=run.device)).item() > 0:  # every rank raises together
             raise FileExistsError(
                 f"{args.out} holds checkpoints of an earlier run: continue it with --resume latest, "

@@ -487,3 +487,56 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and not os.path.exists(os.path.join(out, "final"))
     done = int(saved[0].split("-")[1])
     assert done == len(metrics(out))
+
+
+# Loaded at start-up by every Python process whose path has its folder (torchrun's workers too): the process
+# kills itself with SIGKILL when it is about to rename the checkpoint named in $KILL_AT_RENAME into place,
+# that is, at the end of writing it: a deterministic kill -9 in the middle of a checkpoint write.
+KILL_AT_RENAME = """import os, signal
+_name, _replace = os.environ.get("KILL_AT_RENAME"), os.replace
+def _replace_or_die(src, dst):
+    if _name and os.fspath(src).endswith(os.sep + _name + ".tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst)
+os.replace = _replace_or_die
+"""
+
+
+@pytest.mark.parametrize("ranks, killed_in", [(1, "checkpoint-2"), (1, "final"), (2, "checkpoint-1")])
+def test_a_run_killed_while_writing_a_checkpoint_finishes_exactly_when_run_again(tmp_path, ranks, killed_in):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_AT_RENAME)
+    launch = [sys.executable] if ranks == 1 else [*TORCHRUN[:-1], f"--nproc_per_node={ranks}"]
+
+    def train_py(out, *extra, kill_at=""):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(tmp_path / "hook"),
+            "KILL_AT_RENAME": kill_at,
+        }
+        save_every = "2" if ranks == 1 else "1"
+        command = [*launch, "train.py", *SMALL, "--rewards", "brightness", "--iterations", "3",
+                   "--save-every", save_every, "--out", str(tmp_path / out), *extra]  # fmt: skip
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+    assert train_py("full").returncode == 0
+    killed = train_py("run", kill_at=killed_in)
+    assert killed.returncode != 0 and os.path.isdir(tmp_path / "run" / f"{killed_in}.tmp")
+    assert not os.path.exists(tmp_path / "run" / killed_in)
+    if killed_in == "final":  # the run holds its checkpoints: --resume latest continues it
+        again = train_py("run", "--resume", "latest")
+        said = again.stdout
+    else:  # no complete checkpoint yet: --resume latest says what to do, the same command starts it again
+        refused = train_py("run", "--resume", "latest")
+        assert refused.returncode != 0 and "same command without --resume" in refused.stderr
+        assert ranks > 1 or "same command without --resume" in refused.stderr.splitlines()[-1]  # one line
+        again = train_py("run")
+        said = refused.stdout  # the first run in the folder after the kill clears it
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"removed {killed_in}.tmp" in said
+    assert sorted(
+        n for n in os.listdir(tmp_path / "run") if n.startswith(("checkpoint-", "final"))
+    ) == sorted(n for n in os.listdir(tmp_path / "full") if n.startswith(("checkpoint-", "final")))
+    final, full = unet_weights(tmp_path / "run" / "final"), unet_weights(tmp_path / "full" / "final")
+    assert all(torch.equal(final[key], full[key]) for key in full)  # bit for bit
