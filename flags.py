@@ -17,11 +17,16 @@ import dataclasses
 import types
 import typing
 
+BOUNDS = {"at_least": (">=", lambda value, bound: value >= bound),
+          "above": (">", lambda value, bound: value > bound),
+          "at_most": ("<=", lambda value, bound: value <= bound)}  # fmt: skip
 
-def option(default, help: str, **argparse_kwargs):
-    """A config field: its default, the --help text (with the paper's value where it has one) and any
-    further argparse keywords (action="append", nargs="+", choices=[...])."""
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+def option(default, help: str, **kwargs):
+    """A config field: its default, the --help text (with the paper's value where it has one), bounds that
+    parse() enforces (at_least=1, above=0, at_most=1) and any further argparse keywords (action="append",
+    nargs="+", choices=[...])."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
 def value_type(annotation):
@@ -38,7 +43,7 @@ def build_parser(config, description: str) -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(f.metadata)
+        kwargs = {key: value for key, value in f.metadata.items() if key not in BOUNDS}
         help_text = kwargs.pop("help")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
@@ -47,3 +52,16 @@ def build_parser(config, description: str) -> argparse.ArgumentParser:
             help_text += " [%(default)s]"
         parser.add_argument(flag, type=value_type(f.type), default=f.default, help=help_text, **kwargs)
     return parser
+
+
+def parse(config, description: str, argv=None):
+    """(config instance, parser) from argv; a value outside its field's bounds is a one-line usage error
+    (exit 2) before any work, as argparse's own errors are."""
+    parser = build_parser(config, description)
+    args = config(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(config):
+        value = getattr(args, f.name)
+        for name, (sign, holds) in BOUNDS.items():
+            if name in f.metadata and not holds(value, f.metadata[name]):  # NaN holds no bound
+                parser.error(f"--{f.name.replace('_', '-')} must be {sign} {f.metadata[name]}, not {value}")
+    return args, parser

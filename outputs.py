@@ -12,10 +12,14 @@ A checkpoint is written to a temporary folder and renamed into place, so a crash
 one under its name. train.py's loop is Algorithm 1; this file is the bookkeeping around it.
 """
 
+import atexit
+import errno
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import warnings
 
 import numpy as np
@@ -25,13 +29,32 @@ from PIL import Image
 # What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
 RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
                 "train_timesteps", "inner_epochs", "lora_rank", "prompt_file")  # fmt: skip
-BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with")
+BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with", "dist_timeout")
 
 
 def write(path: str, unet, lora_config, train_state: dict, args: dict):
     """Write a checkpoint folder atomically: path.tmp first, then renamed to path."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_folder(tmp, unet, lora_config, train_state, args)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = (
+            getattr(error, "errno", None) == errno.ENOSPC
+            or shutil.disk_usage(os.path.dirname(tmp)).free < 2**20
+        )
+        cause = "no space left on the device" if full else str(error).splitlines()[0]
+        raise OSError(f"could not write {path} ({cause}); free room in {os.path.dirname(path)} and continue "
+                      "with --resume latest") from error  # fmt: skip
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(tmp: str, unet, lora_config, train_state: dict, args: dict):
     os.makedirs(tmp)
     if lora_config is None:
         unet.save_pretrained(os.path.join(tmp, "unet"))
@@ -44,11 +67,6 @@ def write(path: str, unet, lora_config, train_state: dict, args: dict):
     torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(args, f, indent=2)
-    old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_iterations(out: str) -> list[int]:
@@ -69,6 +87,80 @@ def latest(out: str) -> str:
     return os.path.join(out, f"checkpoint-{iterations[-1]}")
 
 
+def lock(out: str) -> str:
+    """Take OUT/train.lock for this process (created atomically, with the owner's pid and host; released by
+    unlock() or at exit). A lock whose process is dead on this host is taken over, with a warning. Returns ""
+    when taken, else a one-line refusal naming the folder and its owner."""
+    os.makedirs(out, exist_ok=True)
+    path, me = os.path.join(out, "train.lock"), {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            with open(path, "x") as f:  # "x": O_CREAT | O_EXCL, only one process can create it
+                json.dump({**me, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            atexit.register(unlock, out)
+            return ""
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):  # being written by its owner this very moment
+                owner = {"pid": "?", "host": "?"}
+            elsewhere = owner.get("host") != me["host"]  # a shared file system: its pid means nothing here
+            if elsewhere or (owner.get("pid") != me["pid"] and alive(owner.get("pid"))):
+                return (f"{out} is in use by another train.py run (pid {owner.get('pid')} on "
+                        f"{owner.get('host')}): wait for it or pass another --out; if that run is dead, "
+                        f"delete {path}")  # fmt: skip
+            if owner["pid"] != me["pid"]:
+                warnings.warn(
+                    f"{out}: took over the lock of pid {owner['pid']}, a run that died", stacklevel=2
+                )
+            os.remove(path)
+    return f"{out}: could not take {path}"
+
+
+def alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def unlock(out: str):
+    """Release OUT/train.lock if this process holds it."""
+    path = os.path.join(out, "train.lock")
+    try:
+        with open(path) as f:
+            mine = json.load(f).get("pid") == os.getpid()
+    except (OSError, ValueError):
+        return
+    if mine:
+        os.remove(path)
+
+
+def set_aside_later_checkpoints(out: str, iteration: int):
+    """Resuming from an earlier checkpoint starts a new branch: the old branch's later checkpoints (and its
+    final/) move to OUT/abandoned-<iteration>-<time>/ with a copy of metrics.jsonl, out of --resume latest's
+    way, and one line says so."""
+    later = [f"checkpoint-{n}" for n in checkpoint_iterations(out) if n > iteration]
+    final = os.path.join(out, "final", "args.json")
+    if os.path.isfile(final):
+        with open(final) as f:
+            if json.load(f).get("iterations", 0) > iteration:
+                later.append("final")
+    if not later:
+        return
+    aside = os.path.join(out, f"abandoned-{iteration}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside)
+    for name in later:
+        os.replace(os.path.join(out, name), os.path.join(aside, name))
+    if os.path.isfile(os.path.join(out, "metrics.jsonl")):
+        shutil.copy(os.path.join(out, "metrics.jsonl"), aside)
+    print(f"{out}: resuming at iteration {iteration}, the later {', '.join(later)} moved to {aside}")
+
+
 def remove_leftovers(out: str):
     """Clear what a kill in the middle of write() left in out, saying so in one line each: NAME.tmp (not
     complete, or not yet renamed) is removed; NAME.old (the complete previous NAME, moved aside) goes back to
@@ -86,13 +178,29 @@ def remove_leftovers(out: str):
             print(f"{out}: removed {name}, left behind by a checkpoint write that was interrupted")
 
 
+def read_train_state(path: str, device) -> dict:
+    """path/train_state.pt: optimizer and scaler state, iteration (weights_only: no pickled code runs)."""
+    try:
+        return torch.load(os.path.join(path, "train_state.pt"), map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"--resume {path}: its train_state.pt cannot be read ({error}); the checkpoint is damaged: "
+            "resume another one with --resume OUT/checkpoint-<n>"
+        ) from None
+
+
 def check_resumable(path: str, args: dict, world_size: int, master: bool = True):
     """Refuse to resume a checkpoint under arguments that would not continue it exactly; say which tuned
     settings (allowed: say, a lower learning rate from here on) and rank count changed."""
     if not os.path.isfile(os.path.join(path, "train_state.pt")):
         raise FileNotFoundError(f"--resume: {path} is not a train.py checkpoint (no train_state.pt)")
-    with open(os.path.join(path, "args.json")) as f:
-        saved = json.load(f)
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--resume {path}: its args.json cannot be read ({error}); resume another checkpoint"
+        ) from None
     changes = {
         name: f"--{name.replace('_', '-')} {saved[name]!r} -> {value!r}"
         for name, value in args.items()
@@ -125,10 +233,21 @@ def open_logs(out: str, config: dict, start: int, log_with: str):
         json.dump(config, f, indent=2)
     path = os.path.join(out, "metrics.jsonl")
     if os.path.exists(path):
-        with open(path) as f:
-            lines = [line for line in f if line.endswith("\n")]
-        with open(path, "w") as f:
-            f.writelines(line for line in lines if start and json.loads(line)["iteration"] < start)
+        kept = []
+        with open(path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    iteration = json.loads(line)["iteration"] if line.endswith("\n") else None
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(
+                        f"{path} line {number} is not a metrics row ({line[:40]!r}); delete that line, or "
+                        "move the file aside, then run again"
+                    ) from None
+                if start and iteration is not None and iteration < start:
+                    kept.append(line)
+        with open(path + ".tmp", "w") as f:  # a kill now loses no history: the rename below is atomic
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
     return open_tracker(out, log_with, config)
 
 

@@ -564,6 +564,27 @@ def comp_prompts(objects: list[str], split: str, seed: int) -> PairPrompts:
     return PairPrompts(pool, ids[~torch.isin(ids, held_out)])
 
 
+#### Prompt streams: a training run draws its prompts from a deterministic endless stream ####
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def draw_prompts(sequence, start: int, count: int, seed: int) -> tuple[list, list[int]]:
+    """Prompts start .. start+count-1 of an endless stream that reshuffles `sequence` every epoch.
+    Returns the (prompt, metadata) items and their indices in `sequence`."""
+    n = len(sequence)
+    items, indices = [], []
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, n)
+        index = int(epoch_order(n, seed, epoch)[offset])
+        items.append(sequence[index])
+        indices.append(index)
+    return items, indices
+
+
 #### The registry ####
 
 

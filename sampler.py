@@ -240,6 +240,7 @@ def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str) -> N
     diffusers layout) or `lora/` (a peft LoRA adapter added to the base UNet)."""
     if os.path.isdir(os.path.join(checkpoint, "unet")):
         unet = UNet2DConditionModel.from_pretrained(os.path.join(checkpoint, "unet"))
+        check_finite(unet.state_dict(), os.path.join(checkpoint, "unet"))
         pipe.unet.load_state_dict(unet.state_dict())
     elif os.path.isdir(os.path.join(checkpoint, "lora")):
         from peft import LoraConfig
@@ -252,12 +253,27 @@ def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str) -> N
         )
 
 
+def check_finite(state_dict: dict, source: str):
+    """Refuse weights with NaN or inf (a damaged file): they would load silently and score nonsense."""
+    bad = [
+        name
+        for name, weight in state_dict.items()
+        if weight.is_floating_point() and not weight.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the file "
+                         "is damaged; use another checkpoint")  # fmt: skip
+
+
 def load_lora_weights(unet, folder: str) -> None:
     """Load adapter_model.safetensors into a UNet that already carries a LoRA adapter."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    result = set_peft_model_state_dict(unet, load_file(os.path.join(folder, "adapter_model.safetensors")))
+    path = os.path.join(folder, "adapter_model.safetensors")
+    state_dict = load_file(path)
+    check_finite(state_dict, path)
+    result = set_peft_model_state_dict(unet, state_dict)
     if result.unexpected_keys:
         raise ValueError(f"{folder} does not match the UNet's LoRA adapter: {result.unexpected_keys[:3]} ...")
 

@@ -15,7 +15,7 @@ checkpoint-<iteration>/ and final/ for evaluate.py --checkpoint, sample grids) i
 
 import contextlib
 import dataclasses
-import functools
+import datetime
 import json
 import os
 import resource
@@ -33,9 +33,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import outputs
+import rewards
 import sampler
 import toyworld
-from flags import build_parser, option
+from flags import option, parse
 
 
 # fmt: off
@@ -45,67 +46,65 @@ class Args:
                                "(paper: SD2 base)")
     rewards: str = option("pref,skin,comp", "comma list of tasks trained jointly")
     prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
-    iterations: int = option(1000, "RL iterations (paper: about 1000)")
-    batch_size: int = option(16, "images per rank per task per iteration (paper: 16)")
-    group_size: int = option(16, "images per prompt for minibatch rewards such as skin (paper: 16)")
+    iterations: int = option(1000, "RL iterations (paper: about 1000)", at_least=1)
+    batch_size: int = option(16, "images per rank per task per iteration (paper: 16)", at_least=1)
+    group_size: int = option(16, "images per prompt for minibatch rewards such as skin (paper: 16)",
+                             at_least=1)
     images_per_prompt: int = option(1, "images per prompt for the other rewards (paper: 1); above 1 with "
-                                       "--per-prompt-advantages: a baseline per prompt")
+                                       "--per-prompt-advantages: a baseline per prompt", at_least=1)
     micro_batch: int = option(0, "images per forward/backward in the update, gradients accumulated "
-                                 "(0: the whole batch)")
-    num_steps: int = option(50, "DDIM steps T (paper: 50)")
-    eta: float = option(1.0, "DDIM stochasticity; must be > 0 (paper: 1.0)")
+                                 "(0: the whole batch)", at_least=0)
+    num_steps: int = option(50, "DDIM steps T (paper: 50)", at_least=1)
+    eta: float = option(1.0, "DDIM stochasticity (paper: 1.0); at 0 a step has no log-prob", above=0)
     guidance: float = option(7.0, "classifier-free guidance scale (paper: 7.0)")
-    train_timesteps: int = option(5, "DDIM steps trained per iteration, one optimizer step each (paper: 5)")
+    train_timesteps: int = option(5, "DDIM steps trained per iteration, one optimizer step each (paper: 5)",
+                                  at_least=1)
     inner_epochs: int = option(1, "passes over each batch, each with fresh --train-timesteps steps "
-                                  "(DDPO's num_inner_epochs; paper: 1)")
-    clip_range: float = option(1e-4, "PPO clip epsilon (paper: 1e-4)")
-    adv_clip: float = option(10.0, "advantages clamped to [-c, c] (paper code: 10)")
+                                  "(DDPO's num_inner_epochs; paper: 1)", at_least=1)
+    clip_range: float = option(1e-4, "PPO clip epsilon (paper: 1e-4)", above=0)
+    adv_clip: float = option(10.0, "advantages clamped to [-c, c] (paper code: 10)", above=0)
     per_prompt_advantages: bool = option(False, "normalise rewards per prompt (DDPO's stat tracking) "
                                                 "instead of per batch")
-    lr: float = option(2e-6, "AdamW learning rate (paper: 2e-6)")
-    weight_decay: float = option(1e-2, "AdamW weight decay (paper: 1e-2)")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    lr: float = option(2e-6, "AdamW learning rate (paper: 2e-6)", above=0)
+    weight_decay: float = option(1e-2, "AdamW weight decay (paper: 1e-2)", at_least=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", above=0)
     pretrain_data: str = option("", "folder of images + metadata.jsonl captions for L_pre "
                                     "(empty: no pretraining loss)")
-    pretrain_weight: float = option(1.0, "beta, the weight of L_pre (paper: not given)")
-    pretrain_batch_size: int = option(16, "L_pre images per rank (paper: 16)")
+    pretrain_weight: float = option(1.0, "beta, the weight of L_pre (paper: not given)", at_least=0)
+    pretrain_batch_size: int = option(16, "L_pre images per rank (paper: 16)", at_least=1)
     pretrain_uncond_prob: float = option(0.0, "share of L_pre captions replaced by the empty caption, to "
                                               "train the unconditional prediction that guidance uses too "
-                                              "(SD's pretraining: 0.1; 0: the conditional one only)")
+                                              "(SD's pretraining: 0.1; 0: the conditional one only)",
+                                         at_least=0, at_most=1)
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
-                               "(0: full fine-tune, as the paper; needs peft)")
+                               "(0: full fine-tune, as the paper; needs peft)", at_least=0)
     mixed_precision: str = option("no", "autocast dtype (paper: bf16)", choices=list(sampler.DTYPES))
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     compile: bool = option(False, "torch.compile the UNet (minutes of compilation first; "
                                   "tools/bench.py: 0.77x forward on CPU)")
-    seed: int = option(0, "seed of prompts, noise and trained timesteps")
+    seed: int = option(0, "seed of prompts, noise and trained timesteps", at_least=0)
     out: str = option("runs/train", "output folder")
     resume: str = option("", "checkpoint folder to continue from, or 'latest'")
-    save_every: int = option(50, "checkpoint every N iterations (and at the end)")
-    sample_every: int = option(10, "save a PNG grid of samples every N iterations")
+    save_every: int = option(50, "checkpoint every N iterations (and at the end)", at_least=1)
+    sample_every: int = option(10, "save a PNG grid of samples every N iterations", at_least=0)
     log_with: str = option("none", "metrics also to", choices=["none", "tensorboard", "wandb"])
+    dist_timeout: float = option(1800.0, "seconds a rank waits in a collective before the job fails, so "
+                                         "that a stuck rank ends the run (torch's default: 1800)", above=0)
 # fmt: on
 
 
 def parse_args(argv=None) -> Args:
-    parser = build_parser(Args, __doc__)
-    args = Args(**vars(parser.parse_args(argv)))
-    if args.eta <= 0:
-        parser.error("--eta must be > 0: with eta = 0 every DDIM step is deterministic and has no log-prob")
-    if not 1 <= args.train_timesteps <= args.num_steps:
+    args, parser = parse(Args, __doc__, argv)  # each field's bounds are checked there
+    if args.train_timesteps > args.num_steps:
         parser.error(f"--train-timesteps must be between 1 and --num-steps ({args.num_steps})")
-    if args.inner_epochs < 1:
-        parser.error("--inner-epochs must be >= 1")
-    if args.save_every < 1:
-        parser.error("--save-every must be >= 1 (a checkpoint is also written at the end and on SIGTERM)")
-    if args.seed < 0:
-        parser.error("--seed must be >= 0 (it seeds numpy, which takes no negative seeds)")
-    if not 0 <= args.pretrain_uncond_prob <= 1:
-        parser.error(f"--pretrain-uncond-prob must be between 0 and 1, not {args.pretrain_uncond_prob}")
-    if args.micro_batch < 0 or (args.micro_batch and args.batch_size % args.micro_batch):
+    if args.micro_batch and args.batch_size % args.micro_batch:
         parser.error(
             f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})"
         )
+    if not [name for name in args.rewards.split(",") if name.strip()]:
+        parser.error(f"--rewards {args.rewards!r} names no task; pass e.g. --rewards pref,skin,comp")
+    if os.path.isfile(args.out):
+        parser.error(f"--out {args.out} is a file; pass a folder")
     return args
 
 
@@ -135,37 +134,15 @@ def barrier():
 
 
 def exit_distributed():
-    """Destroy the process group and end the process at once, without running destructors.
-
-    With gloo (torch 2.13), freeing the process group joins its worker threads while the main thread holds
-    the GIL, and a worker still freeing a finished collective's tensors waits for that GIL: a rare hang at
-    exit, or an abort ("terminate called without an active exception"). docs/engineering-notes.md has numbers.
-    """
+    """Destroy the process group and end the process at once, without running destructors: freeing gloo's
+    process group can hang or abort at exit with torch 2.13 (docs/engineering-notes.md has the evidence)."""
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-#### Prompts: a deterministic stream, so that resuming needs only the position ####
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def draw_prompts(sequence, start: int, count: int, seed: int) -> tuple[list, list[int]]:
-    """Prompts start .. start+count-1 of an endless stream that reshuffles `sequence` every epoch.
-    Returns the (prompt, metadata) items and their indices in `sequence`."""
-    n = len(sequence)
-    items, indices = [], []
-    for position in range(start, start + count):
-        epoch, offset = divmod(position, n)
-        index = int(epoch_order(n, seed, epoch)[offset])
-        items.append(sequence[index])
-        indices.append(index)
-    return items, indices
+#### Seeds: pure functions of (seed, iteration, task, rank), so that resuming needs only the iteration ####
 
 
 def rank_seed(*keys: int) -> int:
@@ -221,7 +198,7 @@ class Run:
             warnings.warn(message, stacklevel=3)
 
 
-def init_processes() -> tuple[torch.device, int, int, bool]:
+def init_processes(timeout: float) -> tuple[torch.device, int, int, bool]:
     """(device, rank, world_size, ddp): the process group under torchrun, the device from LOCAL_RANK (the
     global rank would break on 2 nodes); one process on its best device otherwise."""
     if "RANK" not in os.environ:
@@ -230,7 +207,9 @@ def init_processes() -> tuple[torch.device, int, int, bool]:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
+    )
     return device, dist.get_rank(), dist.get_world_size(), True
 
 
@@ -280,6 +259,9 @@ def resume(run: Run) -> int:
     """The iteration to start from: the checkpoint's, with its weights, optimizer and scaler state loaded
     (prompts and noise are functions of (seed, iteration), so nothing else is needed), or 0."""
     args = run.args
+    in_use = outputs.lock(args.out) if run.master else ""  # one run writes to --out at a time
+    if all_mean(torch.tensor([float(bool(in_use))], device=run.device)).item() > 0:  # every rank stops
+        raise FileExistsError(in_use or f"{args.out} is in use by another run")
     if run.master:  # what a kill during a checkpoint write left never counts as the run's state
         outputs.remove_leftovers(args.out)
     barrier()
@@ -293,7 +275,13 @@ def resume(run: Run) -> int:
         return 0
     path = outputs.latest(args.out) if args.resume == "latest" else args.resume
     outputs.check_resumable(path, dataclasses.asdict(args), run.world_size, run.master)
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location=run.device, weights_only=True)
+    state = outputs.read_train_state(path, run.device)
+    if state["iteration"] > args.iterations:
+        raise ValueError(
+            f"--resume {path} is at iteration {state['iteration']}, beyond --iterations {args.iterations}"
+        )
+    if run.master:  # resuming an earlier checkpoint: the later ones of the old branch go out of latest's way
+        outputs.set_aside_later_checkpoints(args.out, state["iteration"])
     if run.lora_config is None:
         sampler.load_checkpoint_weights(run.pipe, path)
     else:
@@ -307,7 +295,7 @@ def resume(run: Run) -> int:
 
 def setup(args: Args) -> Run:
     """Processes, tasks, model, optimizer, resume and logging, in this order (the order fixes the RNG)."""
-    device, rank, world_size, ddp = init_processes()
+    device, rank, world_size, ddp = init_processes(args.dist_timeout)
     torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's weights)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -364,7 +352,9 @@ def sample_batch(run: Run, task_index: int, iteration: int) -> Batch:
     group = group_size(task, args)
     per_rank = args.batch_size // group  # prompts per rank
     first = (iteration * run.world_size + run.rank) * per_rank  # this rank's place in the prompt stream
-    items, indices = draw_prompts(run.prompt_lists[task_index], first, per_rank, args.seed + task_index)
+    items, indices = rewards.draw_prompts(
+        run.prompt_lists[task_index], first, per_rank, args.seed + task_index
+    )
     prompts = [prompt for prompt, _ in items for _ in range(group)]
     metadata = [{**meta, "group": first + i} for i, (_, meta) in enumerate(items) for _ in range(group)]
     prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
@@ -479,12 +469,6 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
     return {**per_step, "ddim_steps": ddim_steps}
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
-
-
 def metrics_row(run: Run, task, iteration, rewards, info: dict, per_step: dict, times: list[float]) -> dict:
     """One OUT/metrics.jsonl line: rewards (global batch), the update's statistics (the *_per_step lists in
     training order, trained_steps naming each entry's DDIM step, 0 the noisiest) and where time went."""
@@ -503,7 +487,9 @@ def metrics_row(run: Run, task, iteration, rewards, info: dict, per_step: dict, 
         seconds_sampling=sampled - start,
         seconds_reward=scored - sampled,
         seconds_update=updated - scored,
-        peak_memory_mb=peak_memory_mb(run.device),
+        peak_memory_mb=torch.cuda.max_memory_allocated(run.device) / 2**20
+        if run.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the process's peak RSS
     )
     return row | {f"reward_{k}": v for k, v in info.items()}
 
@@ -625,6 +611,10 @@ def weight_checksums(parameters) -> torch.Tensor:
 def save_checkpoint(run: Run, name: str, iteration: int):
     """OUT/name/: every rank checks that the replicas agree, rank 0 writes, everyone waits."""
     checksums = weight_checksums(run.trainable)
+    if not checksums.isfinite().all():
+        raise RuntimeError(
+            f"non-finite weights: the update diverged; not saving {name} (lower --lr, or resume)"
+        )
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"the ranks' weights diverged (checksums {checksums.tolist()}); not saving {name}")
     if run.master:
@@ -650,8 +640,8 @@ def checkpoint_or_stop(run: Run, iteration: int) -> bool:
 #### Algorithm 1 ####
 
 
-def main(args: Args):
-    run = setup(args)  # processes, tasks, model, optimizer, resume, logging
+def main(args: Args, run: Run | None = None):
+    run = run or setup(args)  # processes, tasks, model, optimizer, resume, logging
     iterations = range(run.start, args.iterations)
     bar = tqdm(iterations, initial=run.start, total=args.iterations, disable=not run.master)
     for iteration in bar:
@@ -691,9 +681,17 @@ def main(args: Args):
     bar.close()
     if run.master:
         run.close_tracker()
+        outputs.unlock(args.out)
     if run.ddp:
         exit_distributed()  # every rank has saved and passed the barrier after it: main() does not return
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    args = parse_args()
+    try:
+        run = setup(args)
+    except (ValueError, OSError) as error:  # a mistake in the command or in the files it names
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train.py: error: {error}", file=sys.stderr)  # one line, no traceback
+        sys.exit(2)
+    main(args, run)
