@@ -59,11 +59,14 @@ def write_folder(tmp: str, unet, lora_config, train_state: dict, args: dict):
     if lora_config is None:
         unet.save_pretrained(os.path.join(tmp, "unet"))
     else:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
 
-        lora_config.save_pretrained(os.path.join(tmp, "lora"))
-        save_file(get_peft_model_state_dict(unet), os.path.join(tmp, "lora", "adapter_model.safetensors"))
+        # diffusers' layout, pytorch_lora_weights.safetensors: stock pipe.load_lora_weights(lora/) loads it
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(os.path.join(tmp, "lora"), unet_lora_layers=layers)
+        lora_config.save_pretrained(os.path.join(tmp, "lora"))  # adapter_config.json: rank, alpha, modules
     torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(args, f, indent=2)

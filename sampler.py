@@ -266,12 +266,20 @@ def check_finite(state_dict: dict, source: str):
 
 
 def load_lora_weights(unet, folder: str) -> None:
-    """Load adapter_model.safetensors into a UNet that already carries a LoRA adapter."""
+    """Load a train.py LoRA folder into a UNet that already carries its adapter: the weights in diffusers'
+    layout (pytorch_lora_weights.safetensors, what stock pipe.load_lora_weights reads too), or in peft's
+    (adapter_model.safetensors), as checkpoints written before 2026-12 hold them."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    path = os.path.join(folder, "adapter_model.safetensors")
-    state_dict = load_file(path)
+    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    if os.path.isfile(path):
+        state_dict = {key.removeprefix("unet."): value for key, value in load_file(path).items()}
+        state_dict = convert_unet_state_dict_to_peft(state_dict)
+    else:
+        path = os.path.join(folder, "adapter_model.safetensors")
+        state_dict = load_file(path)
     check_finite(state_dict, path)
     result = set_peft_model_state_dict(unet, state_dict)
     if result.unexpected_keys:

@@ -343,6 +343,59 @@ def test_lora_mixed_precision_and_checkpointing(tmp_path):
     assert [row["iteration"] for row in metrics(out)] == [0, 1, 2]
 
 
+def test_a_lora_checkpoint_loads_in_stock_diffusers_and_resumes_exactly(tmp_path):
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    import sampler
+
+    lora = [
+        "--rewards",
+        "brightness",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-2",
+        "--clip-range",
+        "0.5",
+        "--save-every",
+        "1",
+    ]
+    out = run(tmp_path, *lora, "--iterations", "2")
+    sampler.tiny_pipeline().save_pretrained(tmp_path / "tiny")  # the base model as a diffusers folder
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        return pipe(["a cat", "a dog"], num_inference_steps=4, generator=generator, output_type="pt").images
+
+    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny", safety_checker=None)
+    base = images(stock)
+    stock.load_lora_weights(os.path.join(out, "final", "lora"))  # what a diffusers user does
+    tuned = images(stock)
+    assert (tuned - base).abs().max() > 1e-3  # loaded, not a silent no-op
+    ours = sampler.load_pipeline(str(tmp_path / "tiny"), checkpoint=os.path.join(out, "final"))
+    assert torch.equal(images(ours), tuned)
+    stock.fuse_lora()
+    torch.testing.assert_close(images(stock), tuned, rtol=0, atol=1e-5)
+    # a checkpoint of the earlier peft layout still loads, with the same weights
+    old = tmp_path / "old" / "lora"
+    ours.unet.peft_config["default"].save_pretrained(old)
+    save_file(get_peft_model_state_dict(ours.unet), old / "adapter_model.safetensors")
+    assert torch.equal(
+        images(sampler.load_pipeline(str(tmp_path / "tiny"), checkpoint=str(old.parent))), tuned
+    )
+    # resume stays exact: 1 iteration + resume + 1 equals 2 in one go
+    part = run(tmp_path, *lora, "--iterations", "1", name="part")
+    train.main(train.parse_args([*SMALL, *lora, "--out", part, "--iterations", "2", "--resume", "latest"]))
+    whole, resumed = (
+        load_file(os.path.join(o, "final", "lora", "pytorch_lora_weights.safetensors")) for o in (out, part)
+    )
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
 def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     out = str(tmp_path / "ddp")
     torchrun(*SMALL, "--rewards", "brightness,color", "--group-size", "2", "--iterations", "2", "--out", out,
