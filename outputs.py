@@ -29,11 +29,13 @@ from PIL import Image
 # What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
 RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
                 "train_timesteps", "inner_epochs", "lora_rank", "prompt_file")  # fmt: skip
-BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with", "dist_timeout")
+BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with", "dist_timeout",
+               "keep_checkpoints")  # fmt: skip
 
 
-def write(path: str, unet, lora_config, train_state: dict, args: dict):
-    """Write a checkpoint folder atomically: path.tmp first, then renamed to path."""
+def write(path: str, unet, lora_config, train_state: dict | None, args: dict):
+    """Write a checkpoint folder atomically: path.tmp first, then renamed to path. Without train_state
+    (final/) it holds the weights and args.json only."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -67,7 +69,8 @@ def write_folder(tmp: str, unet, lora_config, train_state: dict, args: dict):
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionPipeline.save_lora_weights(os.path.join(tmp, "lora"), unet_lora_layers=layers)
         lora_config.save_pretrained(os.path.join(tmp, "lora"))  # adapter_config.json: rank, alpha, modules
-    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(args, f, indent=2)
 
@@ -77,6 +80,15 @@ def checkpoint_iterations(out: str) -> list[int]:
     kill, is still NAME.tmp and never counts)."""
     names = os.listdir(out) if os.path.isdir(out) else []
     return sorted(int(name[11:]) for name in names if re.fullmatch(r"checkpoint-\d+", name))
+
+
+def keep_newest(out: str, count: int, keep: set[int]):
+    """Delete the oldest checkpoint-<n> folders beyond the `count` newest (count 0: keep all), never those of
+    the iterations in `keep` (the one just written, the one this run resumed from)."""
+    iterations = checkpoint_iterations(out)
+    for n in iterations[: max(0, len(iterations) - count)] if count else []:
+        if n not in keep:
+            shutil.rmtree(os.path.join(out, f"checkpoint-{n}"))
 
 
 def latest(out: str) -> str:
@@ -196,7 +208,12 @@ def check_resumable(path: str, args: dict, world_size: int, master: bool = True)
     """Refuse to resume a checkpoint under arguments that would not continue it exactly; say which tuned
     settings (allowed: say, a lower learning rate from here on) and rank count changed."""
     if not os.path.isfile(os.path.join(path, "train_state.pt")):
-        raise FileNotFoundError(f"--resume: {path} is not a train.py checkpoint (no train_state.pt)")
+        raise FileNotFoundError(
+            f"--resume: {path} holds the trained weights only (final/ has no optimizer state): resume from "
+            "the run's last checkpoint with --resume latest"
+            if os.path.basename(os.path.normpath(path)) == "final"
+            else f"--resume: {path} is not a train.py checkpoint (no train_state.pt)"
+        )
     try:
         with open(os.path.join(path, "args.json")) as f:
             saved = json.load(f)

@@ -87,6 +87,7 @@ class Args:
     resume: str = option("", "checkpoint folder to continue from, or 'latest'")
     save_every: int = option(50, "checkpoint every N iterations (and at the end)", at_least=1)
     sample_every: int = option(10, "save a PNG grid of samples every N iterations", at_least=0)
+    keep_checkpoints: int = option(0, "keep the N newest checkpoint-<n> folders (0: all)", at_least=0)
     log_with: str = option("none", "metrics also to", choices=["none", "tensorboard", "wandb"])
     dist_timeout: float = option(1800.0, "seconds a rank waits in a collective before the job fails, so "
                                          "that a stuck rank ends the run (torch's default: 1800)", above=0)
@@ -617,11 +618,13 @@ def save_checkpoint(run: Run, name: str, iteration: int):
         )
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"the ranks' weights diverged (checksums {checksums.tolist()}); not saving {name}")
-    if run.master:
+    if run.master:  # final/ holds what evaluate.py and diffusers load; the last checkpoint-<n> resumes
         state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
         state.update(iteration=iteration, rank_checksums=checksums)
         run_args = {**dataclasses.asdict(run.args), "world_size": run.world_size}
-        outputs.write(os.path.join(run.args.out, name), run.pipe.unet, run.lora_config, state, run_args)
+        path, state = os.path.join(run.args.out, name), None if name == "final" else state
+        outputs.write(path, run.pipe.unet, run.lora_config, state, run_args)
+        outputs.keep_newest(run.args.out, run.args.keep_checkpoints, keep={iteration, run.start})
     barrier()
 
 

@@ -186,7 +186,7 @@ def test_resume_with_another_learning_rate_uses_it_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"continuing with changed settings: --lr 0.001 -> 0.0002"):
         train.main(train.parse_args([*SMALL, "--out", out, "--rewards", "brightness", "--iterations", "2",
                                      "--resume", "latest", "--lr", "2e-4"]))  # fmt: skip
-    state = torch.load(os.path.join(out, "final", "train_state.pt"), weights_only=True)
+    state = torch.load(os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True)
     lrs = [group["lr"] for group in state["optimizer"]["param_groups"]]
     assert lrs == [2e-4], lrs  # not the checkpoint's 1e-3
 
@@ -195,6 +195,35 @@ def test_checkpoints_are_complete_and_leave_no_temporary_folder(tmp_path):
     out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--save-every", "1")
     assert sorted(os.listdir(out)) == ["args.json", "checkpoint-1", "checkpoint-2", "final", "metrics.jsonl"]
     assert sorted(os.listdir(os.path.join(out, "checkpoint-1"))) == ["args.json", "train_state.pt", "unet"]
+
+
+def test_keep_checkpoints_bounds_the_folders_and_final_holds_the_weights_only(tmp_path):
+    out = run(
+        tmp_path,
+        "--rewards",
+        "brightness",
+        "--iterations",
+        "4",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+    )
+    assert [n for n in sorted(os.listdir(out)) if n.startswith("checkpoint-")] == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    assert sorted(os.listdir(os.path.join(out, "final"))) == ["args.json", "unet"]  # no optimizer state
+    with pytest.raises(FileNotFoundError, match="final/ has no optimizer state.*--resume latest"):
+        train.main(train.parse_args([*SMALL, "--rewards", "brightness", "--out", out, "--iterations", "5",
+                                     "--resume", os.path.join(out, "final")]))  # fmt: skip
+    # a resume from the older kept checkpoint: that one is never deleted while this run goes on
+    train.main(train.parse_args([*SMALL, "--rewards", "brightness", "--out", out, "--iterations", "6",
+                                 "--save-every", "1", "--keep-checkpoints", "2",
+                                 "--resume", os.path.join(out, "checkpoint-3")]))  # fmt: skip
+    kept = [n for n in sorted(os.listdir(out)) if n.startswith("checkpoint-")]
+    assert kept == ["checkpoint-3", "checkpoint-5", "checkpoint-6"]
+    assert [row["iteration"] for row in metrics(out)] == [0, 1, 2, 3, 4, 5]
 
 
 def test_bad_input_is_a_clear_error_at_start_up(tmp_path):
