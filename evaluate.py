@@ -21,26 +21,25 @@ Outputs (images are cached: a second run only generates what is missing):
 
 Commands:
     # the paper's suites on Stable Diffusion 2 base and a train.py run (GPU, weights from the hub)
-    python evaluate.py --model stabilityai/stable-diffusion-2-base --checkpoint runs/pref/final \
-        --suites pref,skin,comp --pref-prompts parti=parti.txt --device cuda --mixed-precision bf16 \
+    python evaluate.py --model stabilityai/stable-diffusion-2-base --checkpoint runs/pref/final \\
+        --suites pref,skin,comp --pref-prompts parti=parti.txt --device cuda --mixed-precision bf16 \\
         --out out/eval
     # Table 5: name the checkpoints, then say which is joint and which are the specialists
-    python evaluate.py --model stabilityai/stable-diffusion-2-base --suites pref,skin,comp --device cuda \
-        --checkpoint joint=runs/joint/final --checkpoint pref=runs/pref/final \
-        --checkpoint skin=runs/skin/final --checkpoint comp=runs/comp/final \
+    python evaluate.py --model stabilityai/stable-diffusion-2-base --suites pref,skin,comp --device cuda \\
+        --checkpoint joint=runs/joint/final --checkpoint pref=runs/pref/final \\
+        --checkpoint skin=runs/skin/final --checkpoint comp=runs/comp/final \\
         --joint joint --specialist pref=pref --specialist skin=skin --specialist comp=comp --out out/table5
     # ... over seeds: label every seed's runs, list them in the same order (adds a row of the seed means)
     #     --joint joint-s0,joint-s1 --specialist pref=pref-s0,pref-s1 --specialist skin=skin-s0,skin-s1 ...
     # the toy world, CPU, minutes
     python evaluate.py --model toy --checkpoint runs/toy/pref/final --suites pref,skin,comp --out out/eval-toy
     # CPU smoke run: tiny random model, weight-free rewards, seconds
-    python evaluate.py --model tiny --checkpoint runs/tiny/final --suites brightness,jpeg,color \
-        --num-steps 4 --max-prompts 4 --parity-images 4 --out out/eval-tiny
+    python evaluate.py --model tiny --checkpoint runs/tiny/final --suites brightness,jpeg,color \\
+        --num-steps 4 --max-prompts 4 --group-size 4 --out out/eval-tiny
     # a human study: open OUT/ab.html, vote, download; then
     python evaluate.py --tally votes-rater1.json votes-rater2.json
 """
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -48,7 +47,7 @@ import os
 import re
 import secrets
 import textwrap
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -58,70 +57,9 @@ from tqdm.auto import tqdm
 import rewards
 import sampler
 import toyworld
+from flags import option, parse
 
 #### Configuration ####
-
-
-def option(default, help: str, **argparse_kwargs):
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-@dataclass
-class Args:
-    model: str = option("tiny", 'base model: "tiny", "toy", a diffusers folder or a hub id')
-    checkpoint: list[str] = option(
-        None,
-        "a train.py checkpoint folder, or LABEL=FOLDER (repeatable); labelled by its folder name",
-        action="append",
-    )
-    suites: str = option(
-        "pref,skin,comp",
-        "comma list of: " + ", ".join(["pref", "skin", "comp", "brightness", "jpeg", "color"]),
-    )
-    out: str = option("out/eval", "output folder (images are cached here between runs)")
-    prompt_file: str | None = option(
-        None,
-        "prompt file (one per line) of pref and the weight-free tasks, as in train.py; "
-        "its held-out test split is evaluated",
-    )
-    pref_prompts: list[str] = option(
-        None,
-        "NAME=FILE: a whole prompt file as another pref prompt set, e.g. parti=parti.txt (repeatable)",
-        action="append",
-    )
-    pref_rewards: str | None = option(
-        None,
-        "comma list of rewards scoring the pref images, the first one judges the win rate "
-        '(default "pref,aesthetic"; "pref" with --model toy; the paper\'s is "imagereward,aesthetic")',
-    )
-    num_steps: int = option(50, "DDIM steps")
-    guidance: float = option(7.0, "classifier-free guidance scale")
-    eta: float = option(1.0, "DDIM eta (1.0: the stochastic sampler the model was trained with)")
-    images_per_prompt: int = option(1, "images per prompt (seeds) for pref, comp, brightness, jpeg")
-    parity_images: int = option(
-        16, "images per prompt for the SP suites (skin, color): SP is taken over them"
-    )
-    max_prompts: int = option(300, "at most this many prompts per prompt set (paper: 300 per comp set)")
-    batch_size: int = option(8, "images per generation and reward batch")
-    seed: int = option(0, "image k of a prompt set has seed SEED + k; also orders prompts and the A/B page")
-    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    mixed_precision: str = option("no", "pipeline dtype", choices=["no", "fp16", "bf16"])
-    joint: str | None = option(
-        None,
-        "Table 5: label of the jointly trained checkpoint, or comma-separated labels of several seeds' runs",
-    )
-    specialist: list[str] = option(
-        None,
-        "Table 5: SUITE=LABEL, the single-task checkpoint of SUITE (repeatable; with several --joint runs, "
-        "one label per run in the same order: SUITE=L1,L2); by default read from the checkpoints' args.json",
-        action="append",
-    )
-    grids: int = option(20, "grid PNGs per prompt set (the first prompts)")
-    ab_pairs: int = option(400, "pairs on the A/B page (paper: 400 prompts)")
-    resamples: int = option(10_000, "bootstrap resamples for the 95%% intervals")
-    tally: list[str] | None = option(
-        None, "votes JSON files of the A/B page: print the preference rates and exit", nargs="+"
-    )
 
 
 @dataclass(frozen=True)
@@ -142,18 +80,71 @@ SUITES = {
 }
 CONFIDENCE = 0.95
 GRID_CELL = 160  # pixels per image in the grids
+# the A/B page; write_ab_page fills in its placeholders __PAGE_ID__ and __PAIRS_JSON__
+AB_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ab_page.html")
+
+
+@dataclass
+class Args:
+    model: str = option("tiny", 'base model: "tiny", "toy", a diffusers folder or a hub id')
+    checkpoint: list[str] = option(
+        None,
+        "a train.py checkpoint folder, or LABEL=FOLDER (repeatable); labelled by its folder name",
+        action="append",
+    )
+    suites: str = option("pref,skin,comp", "comma list of: " + ", ".join(SUITES))
+    out: str = option("out/eval", "output folder (images are cached here between runs)")
+    prompt_file: str | None = option(
+        None,
+        "prompt file (one per line) of pref and the weight-free tasks, as in train.py; "
+        "its held-out test split is evaluated",
+    )
+    pref_prompts: list[str] = option(
+        None,
+        "NAME=FILE: a whole prompt file as another pref prompt set, e.g. parti=parti.txt (repeatable)",
+        action="append",
+    )
+    pref_rewards: str | None = option(
+        None,
+        "comma list of rewards scoring the pref images, the first one judges the win rate "
+        '(default "pref,aesthetic"; "pref" with --model toy; the paper\'s is "imagereward,aesthetic")',
+    )
+    num_steps: int = option(50, "DDIM steps")
+    guidance: float = option(7.0, "classifier-free guidance scale")
+    eta: float = option(1.0, "DDIM eta (1.0: the stochastic sampler the model was trained with)")
+    images_per_prompt: int = option(
+        1, "images per prompt (seeds) for pref, comp, brightness, jpeg", at_least=1
+    )
+    group_size: int = option(
+        16, "images per prompt for the SP suites (skin, color): SP's group, as train.py's", at_least=1
+    )
+    max_prompts: int = option(
+        300, "at most this many prompts per prompt set (paper: 300 per comp set)", at_least=1
+    )
+    batch_size: int = option(8, "images per generation and reward batch", at_least=1)
+    seed: int = option(0, "image k of a prompt set has seed SEED + k; also orders prompts and the A/B page")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    mixed_precision: str = option("no", "pipeline dtype", choices=list(sampler.DTYPES))
+    joint: str | None = option(
+        None,
+        "Table 5: label of the jointly trained checkpoint, or comma-separated labels of several seeds' runs",
+    )
+    specialist: list[str] = option(
+        None,
+        "Table 5: SUITE=LABEL, the single-task checkpoint of SUITE (repeatable; with several --joint runs, "
+        "one label per run in the same order: SUITE=L1,L2); by default read from the checkpoints' args.json",
+        action="append",
+    )
+    grids: int = option(20, "grid PNGs per prompt set (the first prompts)")
+    ab_pairs: int = option(400, "pairs on the A/B page (paper: 400 prompts)")
+    resamples: int = option(10_000, "bootstrap resamples for the 95%% intervals", at_least=1)
+    tally: list[str] = option(
+        None, "votes JSON files of the A/B page: print the preference rates and exit", nargs="+"
+    )
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for f in fields(Args):
-        kwargs = dict(f.metadata)
-        if "action" not in kwargs and "nargs" not in kwargs:
-            kwargs["type"] = type(f.default) if f.default is not None else str
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kwargs)
-    args = Args(**vars(parser.parse_args(argv)))
+    args, parser = parse(Args, __doc__, argv)
     for name in ("checkpoint", "pref_prompts", "specialist"):
         setattr(args, name, getattr(args, name) or [])
     unknown = [s for s in suite_names(args) if s not in SUITES]
@@ -194,12 +185,6 @@ def parse_args(argv=None) -> Args:
             "--pref-prompts adds a prompt file (e.g. PartiPrompts) as a pref prompt set, but the toy world's "
             "pref reward only scores its own captions (it reads the objects to detect from their metadata); "
             "drop --pref-prompts with a toy-world --model, or pass a real --model"
-        )
-    if min(args.images_per_prompt, args.parity_images, args.max_prompts, args.batch_size) < 1:
-        parser.error("--images-per-prompt, --parity-images, --max-prompts and --batch-size must be >= 1")
-    if args.resamples < 1:
-        parser.error(
-            f"--resamples must be >= 1 (bootstrap resamples of the 95% intervals), got {args.resamples}"
         )
     return args
 
@@ -272,7 +257,7 @@ def build_prompt_sets(args: Args) -> list[PromptSet]:
         suite = SUITES[suite_name]
         prompt_file = args.prompt_file if suite.takes_prompt_file else None
         task = toyworld.load_task(suite_name, args.model, args.device, prompt_file)
-        n = args.parity_images if suite.parity else args.images_per_prompt
+        n = args.group_size if suite.parity else args.images_per_prompt
         for split in task.splits[1:] or task.splits:
             items = list(itertools.islice(task.prompts(split, args.seed), args.max_prompts))
             if not items:
@@ -619,157 +604,130 @@ def fmt(value: dict) -> str:
     return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def details_table(sets: dict, labels: list[str]) -> list[str]:
-    """The rewards' own diagnostics (their info dicts, averaged over images), e.g. the share of images in
-    which the skin reward found a person: a prompt without one counts as SP 0."""
-    columns = [
-        (name, sc, key)
-        for name, r in sets.items()
-        for sc in r["scores"]
-        for key in r["scores"][sc]["info"]["base"]
-    ]
-    if not columns:
-        return []
-    lines = [
-        "Reward details (the reward's info, averaged over images):",
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        "| model | " + " | ".join(f"{name} {sc}: {key}" for name, sc, key in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
     ]
-    for label in labels:
-        values = [sets[name]["scores"][sc]["info"][label].get(key, float("nan")) for name, sc, key in columns]
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
-    return [*lines, ""]
+
+
+def suite_table(sets: dict, labels: list[str]) -> list[str]:
+    """Per model: each set's metric per scorer with its interval, then the scorers' own diagnostics (their
+    info, averaged over images), e.g. the share of images in which the skin reward found a person."""
+    metrics = [(name, sc) for name, r in sets.items() for sc in r["scores"]]
+    details = [(name, sc, key) for name, sc in metrics for key in sets[name]["scores"][sc]["info"]["base"]]
+    header = ["model", *(f"{name} {sets[name]['scores'][sc]['metric']}" for name, sc in metrics)]
+    header += [f"{name} {sc}: {key}" for name, sc, key in details]
+    rows = [
+        [
+            label,
+            *(fmt(sets[name]["scores"][sc]["value"][label]) for name, sc in metrics),
+            *(
+                f"{sets[name]['scores'][sc]['info'][label].get(key, float('nan')):.3f}"
+                for name, sc, key in details
+            ),
+        ]
+        for label in labels
+    ]
+    return markdown_table(header, rows)
+
+
+def table5_report(t5: dict) -> list[str]:
+    """Every model's value of each specialist's metric, and the joint model's gain as a % of the specialist's
+    (per run; with several runs also that of their means)."""
+    rows, joints = t5["rows"], t5["joint"]
+    several = len(joints) > 1
+
+    def percent(value, specialist):
+        return "n/a" if value is None else f"{value:.0f}% of {specialist}"
+
+    specialists = "; ".join(
+        f"{suite} " + ", ".join(f"`{label}`" for label in labels)
+        for suite, labels in t5["specialists"].items()
+    )
+    lines = [
+        "## Joint training (paper Table 5)",
+        "",
+        ("Joint models (one per run) " if several else "Joint model ")
+        + ", ".join(f"`{label}`" for label in joints)
+        + f"; specialists: {specialists}. % of specialist gain: 100 * (joint - base) / (specialist - base), "
+        "gains in SP counted downwards; n/a: the specialist did not improve on base."
+        + (
+            " Run i's joint model is compared with run i's specialists, then the means over runs."
+            if several
+            else ""
+        ),
+        "",
+    ]
+    header = ["model"] + [
+        f"{r['set']} {r['metric']} ({'lower' if r['lower_is_better'] else 'higher'} is better)" for r in rows
+    ]
+    models = ["base", *dict.fromkeys(label for r in rows for label in r["specialist"]), *joints]
+    table = [[label, *(f"{r['value'][label]:.3f}" for r in rows)] for label in models]
+    table += [
+        [f"{joint if several else 'joint'}, % of specialist gain"]
+        + [percent(r["joint_percent"][i], r["specialist"][i]) for r in rows]
+        for i, joint in enumerate(joints)
+    ]
+    if several:
+        table += [
+            [f"mean of the {len(joints)} specialists", *(f"{r['mean']['specialist']:.3f}" for r in rows)],
+            [f"mean of the {len(joints)} joint models", *(f"{r['mean']['joint']:.3f}" for r in rows)],
+            ["mean joint, % of mean specialist gain"]
+            + [percent(r["mean"]["joint_percent"], "the mean") for r in rows],
+        ]
+    return lines + markdown_table(header, table)
 
 
 def markdown_report(results: dict) -> str:
+    """results.md: per suite each model's metric with its interval, the win rates against base, Table 5."""
     s = results["settings"]
     labels = ["base", *results["checkpoints"]]
+    checkpoints = ", ".join(f"`{label}` ({path})" for label, path in results["checkpoints"].items())
     lines = [
         "# Evaluation",
         "",
-        f"Base model `{s['model']}`; checkpoints: "
-        + (", ".join(f"`{label}` ({path})" for label, path in results["checkpoints"].items()) or "none")
-        + ". "
-        f"DDIM {s['num_steps']} steps, eta {s['eta']}, guidance {s['guidance']}. Every model draws image k "
-        f"of a prompt set from seed {s['seed']} + k, so paired images share their noise. Values are means "
-        f"over prompts with a {CONFIDENCE:.0%} bootstrap interval over prompts in brackets.",
+        f"Base model `{s['model']}`; checkpoints: {checkpoints or 'none'}. DDIM {s['num_steps']} steps, "
+        f"eta {s['eta']}, guidance {s['guidance']}; image k of a prompt set has seed {s['seed']} + k in "
+        f"every model. Values: mean over prompts [{CONFIDENCE:.0%} bootstrap interval over prompts]; columns "
+        "`SET REWARD: KEY`: the reward's own diagnostics, averaged over images.",
         "",
     ]
     for suite_name in dict.fromkeys(r["suite"] for r in results["sets"].values()):
         suite = SUITES[suite_name]
         sets = {name: r for name, r in results["sets"].items() if r["suite"] == suite_name}
-        columns = [(name, scorer) for name, r in sets.items() for scorer in r["scores"]]
-        first = next(iter(sets.values()))
-        n = first["images_per_prompt"]
+        n = next(iter(sets.values()))["images_per_prompt"]
         how = "lower is better" if suite.parity else "higher is better"
         lines += [
             f"## {suite_name}: {suite.metric} ({how}; {suite.paper})",
             "",
             ", ".join(f"{name}: {len(r['prompts'])} prompts" for name, r in sets.items())
-            + f"; {n} image(s) per prompt."
-            + (
-                " SP is computed over each prompt's images, then averaged over prompts."
-                if suite.parity
-                else ""
-            ),
+            + f"; {n} image(s) per prompt"
+            + (", SP taken over each prompt's images." if suite.parity else "."),
             "",
-            "| model | "
-            + " | ".join(f"{name} {sets[name]['scores'][sc]['metric']}" for name, sc in columns)
-            + " |",
-            "|---" * (len(columns) + 1) + "|",
+            *suite_table(sets, labels),
         ]
-        for label in labels:
-            lines.append(
-                f"| {label} | "
-                + " | ".join(fmt(sets[name]["scores"][sc]["value"][label]) for name, sc in columns)
-                + " |"
-            )
-        lines += ["", *details_table(sets, labels)]
-
     if results["checkpoints"]:
         lines += [
             "## Win rate against base",
             "",
-            "Share of (prompt, seed) pairs whose checkpoint image gets a higher reward from the judge than "
-            "the base image with the same prompt and seed (ties count one half), with a 95% bootstrap "
-            "interval over prompts. With the preference model as judge it is the automatic stand-in for "
-            "the paper's human study (80.3% preferred over SD2). For an SP suite the reward is shared by a "
-            "prompt's images, so it is the share of prompts with a lower SP.",
+            "Share of (prompt, seed) pairs in which the judge rewards the checkpoint's image above base's "
+            "(ties count one half; for an SP suite: share of prompts with a lower SP). With the preference "
+            "model as judge it stands in for the paper's human study (80.3% preferred over SD2).",
             "",
-            "| checkpoint | prompt set | judge | win rate | 95% CI | ties | pairs |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for name, r in results["sets"].items():
-            judge = next(iter(r["scores"]))
-            for label, w in r["win_rate"].items():
-                lines.append(
-                    f"| {label} | {name} | {judge} | {w['rate']:.1%} | "
-                    f"[{w['ci'][0]:.1%}, {w['ci'][1]:.1%}] | {w['ties']:.1%} | {w['pairs']} |"
-                )
-        lines.append("")
-
+        header = ["checkpoint", "prompt set", "judge", "win rate", "95% CI", "ties", "pairs"]
+        rows = [
+            [label, name, next(iter(r["scores"])), f"{w['rate']:.1%}",
+             f"[{w['ci'][0]:.1%}, {w['ci'][1]:.1%}]", f"{w['ties']:.1%}", str(w["pairs"])]
+            for name, r in results["sets"].items()
+            for label, w in r["win_rate"].items()
+        ]  # fmt: skip
+        lines += markdown_table(header, rows)
     if results["table5"] is not None:
-        t5 = results["table5"]
-        rows = t5["rows"]
-        several = len(t5["joint"]) > 1
-        models = ["base", *dict.fromkeys(label for r in rows for label in r["specialist"]), *t5["joint"]]
-
-        def percent(value, specialist):
-            return "n/a" if value is None else f"{value:.0f}% of {specialist}"
-
-        lines += [
-            "## Joint training (paper Table 5)",
-            "",
-            ("Joint models (one per run) " if several else "Joint model ")
-            + ", ".join(f"`{label}`" for label in t5["joint"])
-            + "; specialists: "
-            + "; ".join(
-                f"{suite} " + ", ".join(f"`{label}`" for label in labels)
-                for suite, labels in t5["specialists"].items()
-            )
-            + ". "
-            "The '% of specialist gain' rows give the joint model's gain over base as a percentage of the "
-            "specialist's gain on that metric: 100 * (joint - base) / (specialist - base); for SP (lower is "
-            "better) both gains are reductions, so the formula is unchanged and 100% means the joint model "
-            "lowers SP as much as its specialist. n/a: the specialist did not improve on base."
-            + (
-                " Run i's joint model is compared with run i's specialists; the last rows compare the mean "
-                "of the joint models with the mean of the specialists (no interval: the runs are few)."
-                if several
-                else ""
-            ),
-            "",
-            "| model | "
-            + " | ".join(
-                f"{r['set']} {r['metric']} ({'lower' if r['lower_is_better'] else 'higher'} is better)"
-                for r in rows
-            )
-            + " |",
-            "|---" * (len(rows) + 1) + "|",
-        ]
-        for label in models:
-            lines.append(f"| {label} | " + " | ".join(f"{r['value'][label]:.3f}" for r in rows) + " |")
-        for i, joint in enumerate(t5["joint"]):
-            lines.append(
-                f"| {joint if several else 'joint'}, % of specialist gain | "
-                + " | ".join(percent(r["joint_percent"][i], r["specialist"][i]) for r in rows)
-                + " |"
-            )
-        if several:
-            n = len(t5["joint"])
-            lines += [
-                f"| mean of the {n} specialists | "
-                + " | ".join(f"{r['mean']['specialist']:.3f}" for r in rows)
-                + " |",
-                f"| mean of the {n} joint models | "
-                + " | ".join(f"{r['mean']['joint']:.3f}" for r in rows)
-                + " |",
-                "| mean joint, % of mean specialist gain | "
-                + " | ".join(percent(r["mean"]["joint_percent"], "the mean") for r in rows)
-                + " |",
-            ]
-        lines.append("")
+        lines += table5_report(results["table5"])
     return "\n".join(lines)
 
 
@@ -814,80 +772,6 @@ def write_grids(results: dict, out: str, max_prompts: int) -> None:
             grid.save(path)
 
 
-AB_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Which image is better?</title>
-<style>
- body { font-family: sans-serif; max-width: 64rem; margin: 2rem auto; text-align: center; }
- .pair { display: flex; gap: 2rem; justify-content: center; }
- img { width: 24rem; height: 24rem; object-fit: contain; image-rendering: pixelated; background: #eee; }
- button { font-size: 1.1rem; padding: .6rem 1.4rem; margin: .6rem; }
- #prompt { font-size: 1.3rem; min-height: 3rem; }
-</style>
-</head>
-<body>
-<h1>Which image is better?</h1>
-<p>Judge how well each image matches the text and how good it looks. Keys: 1 = left, 2 = right.</p>
-<p id="progress"></p>
-<p id="prompt"></p>
-<div class="pair" id="pair">
- <figure><img id="left-image" alt="left image"><br><button id="left">Left is better</button></figure>
- <figure><img id="right-image" alt="right image"><br><button id="right">Right is better</button></figure>
-</div>
-<p id="done" hidden>All pairs are done, thank you. Download your votes and send the file back.</p>
-<button id="download">Download votes (JSON)</button>
-<script>
-const PAGE = "__PAGE__";
-const PAIRS = __PAIRS__;
-const STORE = "ab-votes-" + PAGE;  // votes survive a reload of the page
-let votes = JSON.parse(localStorage.getItem(STORE) || "[]");
-
-function show() {
-  const done = votes.length >= PAIRS.length;
-  document.getElementById("pair").hidden = done;
-  document.getElementById("done").hidden = !done;
-  const shown = Math.min(votes.length + 1, PAIRS.length);
-  document.getElementById("progress").textContent = `pair ${shown} of ${PAIRS.length}`;
-  if (done) { document.getElementById("prompt").textContent = ""; return; }
-  const pair = PAIRS[votes.length];
-  document.getElementById("prompt").textContent = pair.prompt;
-  document.getElementById("left-image").src = pair.left;
-  document.getElementById("right-image").src = pair.right;
-}
-
-function vote(side) {
-  if (votes.length >= PAIRS.length) return;
-  const pair = PAIRS[votes.length];
-  votes.push({pair: pair.id, set: pair.set, seed: pair.seed, checkpoint: pair.checkpoint, side: side,
-              winner: side === "left" ? pair.left_model : pair.right_model, time: new Date().toISOString()});
-  localStorage.setItem(STORE, JSON.stringify(votes));
-  show();
-}
-
-function download() {
-  const blob = new Blob([JSON.stringify({page: PAGE, votes: votes}, null, 1)], {type: "application/json"});
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(blob);
-  link.download = "votes.json";
-  link.click();
-}
-
-document.getElementById("left").onclick = () => vote("left");
-document.getElementById("right").onclick = () => vote("right");
-document.getElementById("download").onclick = download;
-document.addEventListener("keydown", (e) => {
-  if (e.key === "1") vote("left");
-  if (e.key === "2") vote("right");
-});
-show();
-</script>
-</body>
-</html>
-"""
-
-
 def write_ab_page(results: dict, out: str, max_pairs: int, seed: int) -> int:
     """OUT/ab.html: pairs (base image, checkpoint image) of the same prompt and seed, in random order and on
     random sides, images referenced relative to the page. Pairs come from the pref sets when pref was
@@ -914,8 +798,10 @@ def write_ab_page(results: dict, out: str, max_pairs: int, seed: int) -> int:
         if rng.random() < 0.5:
             sides.reverse()
         (pair["left_model"], pair["left"]), (pair["right_model"], pair["right"]) = sides
-    page = AB_PAGE.replace("__PAGE__", secrets.token_hex(8)).replace(
-        "__PAIRS__", json.dumps(pairs, indent=1).replace("</", "<\\/")
+    with open(AB_TEMPLATE, encoding="utf-8") as f:
+        page = f.read()
+    page = page.replace("__PAGE_ID__", secrets.token_hex(8)).replace(
+        "__PAIRS_JSON__", json.dumps(pairs, indent=1).replace("</", "<\\/")
     )  # no "</script>" inside the script
     with open(os.path.join(out, "ab.html"), "w", encoding="utf-8") as f:
         f.write(page)
@@ -955,16 +841,13 @@ def tally(paths: list[str], resamples: int = 10_000, seed: int = 0) -> list[dict
 
 
 def tally_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| checkpoint | prompt set | votes | pairs | preferred over base | 95% CI |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['checkpoint']} | {r['set']} | {r['votes']} | {r['pairs']} | {r['rate']:.1%} | "
-        f"[{r['ci'][0]:.1%}, {r['ci'][1]:.1%}] |"
+    header = ["checkpoint", "prompt set", "votes", "pairs", "preferred over base", "95% CI"]
+    table = [
+        [r["checkpoint"], r["set"], str(r["votes"]), str(r["pairs"]), f"{r['rate']:.1%}",
+         f"[{r['ci'][0]:.1%}, {r['ci'][1]:.1%}]"]
         for r in rows
-    ]
-    return "\n".join(lines)
+    ]  # fmt: skip
+    return "\n".join(markdown_table(header, table)[:-1])
 
 
 def main(argv=None) -> None:

@@ -23,10 +23,10 @@ autoencoder, DDIM scheduler) so sampler.py and train.py run on it unchanged. Com
     python toyworld.py report --model data/toy-model --out runs/toy-report   # base-model numbers + grid
 """
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +45,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import rewards
 import sampler
+from flags import build_parser, option
 
 #### The world ####
 
@@ -181,6 +182,16 @@ def make_dataset(
             scenes.append(scene)
     images = np.stack([render(s, rng) for s in scenes])
     return (images * 255).round().astype(np.uint8), [caption(s) for s in scenes]
+
+
+@dataclass
+class ExportArgs:
+    """python toyworld.py export: rendered scenes as train.py's --pretrain-data (an HF imagefolder)."""
+
+    out: str = option(None, "folder of the PNGs and metadata.jsonl", required=True)
+    n: int = option(2000, "number of scenes")
+    seed: int = option(1, "another seed than pretraining's 0")
+    unfaded: bool = option(False, "leave out faded scenes (the paper filters its L_pre data by aesthetics)")
 
 
 def export(out: str, n: int, seed: int, unfaded: bool = False) -> None:
@@ -563,30 +574,29 @@ def build_pipeline(
 
 @dataclass
 class PretrainArgs:
-    out: str = "data/toy-model"
-    """where the pipeline is saved (save_pretrained, safetensors)"""
-    seed: int = 0
-    """seeds the data, the initial weights and the training noise"""
-    num_images: int = 30000
-    """size of the rendered pretraining set"""
-    vae_steps: int = 2500
-    """autoencoder steps (MSE + a small KL term), on half batches"""
-    steps: int = 5000
-    """diffusion steps (epsilon-prediction MSE), UNet and text encoder trained jointly"""
-    batch_size: int = 96
-    lr: float = 1e-3
-    caption_dropout: float = 0.1
-    """fraction of empty captions, so that classifier-free guidance works"""
-    ema_decay: float = 0.999
-    """the saved weights are an exponential moving average of the trained ones"""
-    threads: int = 1
-    """torch threads; on a shared 2-core machine 1 is several times faster than 2 (no OpenMP contention)"""
-    unet_channels: str = "32,64"
-    """UNet widths at the 8x8 and 4x4 latent levels"""
-    text_attention: str = "4x4"
-    """UNet levels that attend to the text: 4x4, or all (8x8 as well)"""
-    two_objects: float = SCENE_MIX["two"]
-    """share of two-object scenes in the data (the rest of 55 % are one-object scenes)"""
+    """python toyworld.py pretrain: the toy model trained on the world (autoencoder, then UNet + text)."""
+
+    out: str = option("data/toy-model", "where the pipeline is saved (save_pretrained, safetensors)")
+    seed: int = option(0, "seeds the data, the initial weights and the training noise")
+    num_images: int = option(30000, "size of the rendered pretraining set")
+    vae_steps: int = option(2500, "autoencoder steps (MSE + a small KL term), on half batches")
+    steps: int = option(
+        5000, "diffusion steps (epsilon-prediction MSE), UNet and text encoder trained jointly"
+    )
+    batch_size: int = option(96, "images per diffusion step (the autoencoder's steps take half as many)")
+    lr: float = option(1e-3, "AdamW peak learning rate of both stages (cosine decay to 0)")
+    caption_dropout: float = option(0.1, "fraction of empty captions, so that classifier-free guidance works")
+    ema_decay: float = option(
+        0.999, "the saved weights are an exponential moving average of the trained ones"
+    )
+    threads: int = option(
+        1, "torch threads; on a shared 2-core machine 1 is several times faster than 2 (no OpenMP contention)"
+    )
+    unet_channels: str = option("32,64", "UNet widths at the 8x8 and 4x4 latent levels")
+    text_attention: str = option("4x4", "UNet levels that attend to the text: 4x4, or all (8x8 as well)")
+    two_objects: float = option(
+        SCENE_MIX["two"], "share of two-object scenes in the data (the rest of 55 %% are one-object scenes)"
+    )
 
 
 KL_WEIGHT = 1e-4  # per latent element, against the per-pixel MSE: keeps latents near N(0, 1) in scale
@@ -724,7 +734,20 @@ def _score(task: rewards.Task, split: str, copies: int, pipe, args, generator) -
     return images, {"reward": reward.mean().item(), **info}
 
 
-def report(args) -> dict:
+@dataclass
+class ReportArgs:
+    """python toyworld.py report: the base model's numbers on every toy split, and a grid of its samples."""
+
+    model: str = option("toy", "'toy' or a diffusers folder")
+    out: str = option("runs/toy-report", "folder of results.json and samples.png")
+    num_steps: int = option(20, "DDIM steps")
+    guidance: float = option(7.0, "classifier-free guidance scale")
+    eta: float = option(1.0, "DDIM eta")
+    seed: int = option(0, "seeds the sampling noise")
+    threads: int = option(1, "torch threads")
+
+
+def report(args: ReportArgs) -> dict:
     """Sample the model on every toy split, measure it with the detectors, write results.json and a grid."""
     from PIL import Image
 
@@ -765,38 +788,25 @@ def report(args) -> dict:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    pretrain_parser = commands.add_parser("pretrain", help="train the toy model on the world (CPU)")
-    for name, default in vars(PretrainArgs()).items():
-        pretrain_parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    export_parser = commands.add_parser("export", help="write rendered scenes as --pretrain-data")
-    export_parser.add_argument("--out", required=True)
-    export_parser.add_argument("--n", type=int, default=2000)
-    export_parser.add_argument("--seed", type=int, default=1, help="another seed than pretraining's 0")
-    export_parser.add_argument(
-        "--unfaded",
-        action="store_true",
-        help="leave out faded scenes (the paper filters its L_pre data by aesthetics)",
-    )
-    report_parser = commands.add_parser("report", help="the base model's numbers on every toy split")
-    report_parser.add_argument("--model", default="toy", help="'toy' or a diffusers folder")
-    report_parser.add_argument("--out", default="runs/toy-report")
-    report_parser.add_argument("--num-steps", type=int, default=20)
-    report_parser.add_argument("--guidance", type=float, default=7.0)
-    report_parser.add_argument("--eta", type=float, default=1.0)
-    report_parser.add_argument("--seed", type=int, default=0)
-    report_parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    if args.command == "pretrain":
-        pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k != "command"}))
-    elif args.command == "export":
-        export(args.out, args.n, args.seed, args.unfaded)
-    else:
-        report(args)
+COMMANDS = {  # python toyworld.py COMMAND [flags]: its flags and what it runs
+    "pretrain": (PretrainArgs, pretrain),
+    "export": (ExportArgs, lambda args: export(args.out, args.n, args.seed, args.unfaded)),
+    "report": (ReportArgs, report),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
+    if not argv or argv[0] not in COMMANDS:
+        got = f"unknown command {argv[0]!r}" if argv else "no command"
+        sys.exit(f"usage: python toyworld.py {{{','.join(COMMANDS)}}} [--help | flags] ({got})")
+    config, run = COMMANDS[argv[0]]
+    parser = build_parser(config, config.__doc__)
+    parser.prog = f"toyworld.py {argv[0]}"
+    run(config(**vars(parser.parse_args(argv[1:]))))
 
 
 if __name__ == "__main__":

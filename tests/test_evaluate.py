@@ -206,7 +206,7 @@ def test_tally_of_two_raters(tmp_path, capsys):
 # few prompts, images and steps: seconds on a CPU
 RUN = (
     "--model tiny --suites brightness,jpeg,color --num-steps 2 --max-prompts 2 --images-per-prompt 2 "
-    "--parity-images 3 --batch-size 4 --resamples 500 --seed 5"
+    "--group-size 3 --batch-size 4 --resamples 500 --seed 5"
 ).split()
 
 

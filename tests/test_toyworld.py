@@ -190,6 +190,19 @@ def test_export_writes_an_imagefolder(tmp_path):
     assert Image.open(tmp_path / "00000.png").size == (32, 32) and all(line["text"] for line in lines)
 
 
+def test_command_line_runs_a_command_and_refuses_an_unknown_one(tmp_path, capsys):
+    tw.main(["export", "--out", str(tmp_path), "--n", "3", "--seed", "2", "--unfaded"])
+    texts = [json.loads(line)["text"] for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert texts == tw.make_dataset(3, seed=2, unfaded=True)[1]
+    for argv, message in [([], "(no command)"), (["nope"], "(unknown command 'nope')")]:
+        with pytest.raises(SystemExit, match=r"usage: python toyworld.py \{pretrain,export,report\}") as exit:
+            tw.main(argv)
+        assert message in str(exit.value)
+    with pytest.raises(SystemExit):
+        tw.main(["report", "--help"])
+    assert "--num-steps NUM_STEPS" in capsys.readouterr().out
+
+
 def test_unfaded_export_leaves_out_the_faded_scenes_only():
     def fits(images):  # palette_fit of uint8 (n, 32, 32, 3) renders; 1 exactly for an unfaded one
         return tw.palette_fit(torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0)

@@ -1,17 +1,16 @@
 """What a result costs: the sampler's overhead, one iteration against its UNet floor, memory, DDP scaling,
-reward overlap, throughput knobs and a FLOP-based cost model of the paper's run (README "Benchmarks").
+throughput knobs and a FLOP-based cost model of the paper's run (docs/benchmarks.md). Not part of the method.
 
-    python bench.py --model tiny --threads 1 --repeats 7                       # CPU, a few minutes
-    python bench.py --model stabilityai/stable-diffusion-2-base --batch-size 16 --num-steps 50 \\
-        --mixed-precision bf16 --gradient-checkpointing --threads 8 --compile     # one GPU or two
-    python bench.py --sections overlap,knobs --threads 2                      # some sections only
+    python tools/bench.py --model tiny --threads 1 --repeats 7                    # CPU, a few minutes
+    python tools/bench.py --model stabilityai/stable-diffusion-2-base --batch-size 16 --num-steps 50 \\
+        --mixed-precision bf16 --gradient-checkpointing --threads 8 --compile   # one GPU or two
+    python tools/bench.py --sections knobs,flops --threads 2                      # some sections only
 
 Every comparison times its sides interleaved in one process (A, B, B, A, ...) and reports
 min / median / max over --repeats rounds, because on a shared machine identical runs drift by a third
 within minutes. Training is timed by running train.main itself, so the numbers are those of our code.
 """
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -23,7 +22,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -34,12 +33,15 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-import flags
+# The project's modules are in the repo root, one level up, so that `python tools/bench.py` finds them.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import sampler
 import toyworld
 import train
+from flags import option, parse
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.abspath(train.__file__))  # torchrun runs train.py from here
 
 # The paper's run: SD2 base at 512x512, 2048 samples per iteration, about 1000
 # iterations, 50 DDIM steps with CFG, 5 trained steps, gradient checkpointing; 12.1 h on 128 A100s.
@@ -63,50 +65,37 @@ SD2_VAE = dict(
     sample_size=512,
 )
 
-
-SECTIONS = ("sampler", "iteration", "memory", "ddp", "overlap", "knobs", "flops")
+SECTIONS = ("sampler", "iteration", "memory", "ddp", "knobs", "flops")
 
 
 @dataclass
 class BenchArgs:
-    model: str = field(default="tiny", metadata={"help": "'tiny', 'toy', a hub id or a diffusers folder"})
-    reward: str = field(
-        default="",
-        metadata={
-            "help": "task of the timed iterations (default: pref for toy, else brightness: weight-free)"
-        },
+    model: str = option("tiny", "'tiny', 'toy', a hub id or a diffusers folder")
+    reward: str | None = option(
+        None, "task of the timed iterations (default: pref for toy, else brightness: weight-free)"
     )
-    threads: int = field(
-        default=1, metadata={"help": "torch intra-op threads (and OMP_NUM_THREADS of DDP runs)"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "images per batch and per rank"})
-    num_steps: int = field(default=20, metadata={"help": "DDIM steps T"})
-    train_timesteps: int = field(default=5, metadata={"help": "trained steps K per iteration"})
-    guidance: float = field(default=7.0, metadata={"help": "classifier-free guidance scale"})
-    eta: float = field(default=1.0, metadata={"help": "DDIM eta"})
-    mixed_precision: str = field(default="no", metadata={"help": "no|fp16|bf16, passed to train.py"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "in the timed iterations"})
-    repeats: int = field(default=5, metadata={"help": "interleaved rounds of every comparison"})
-    iterations: int = field(
-        default=3, metadata={"help": "train.py iterations per round (the first is dropped)"}
-    )
-    memory_timesteps: str = field(
-        default="1,2,5", metadata={"help": "--train-timesteps values of the memory table"}
-    )
-    ddp_processes: str = field(default="1,2", metadata={"help": "process counts of the ddp section"})
-    sections: str = field(default=",".join(SECTIONS), metadata={"help": "comma list of sections to run"})
-    compile: bool = field(default=False, metadata={"help": "also time torch.compile'd UNet forwards"})
-    peak_tflops: float = field(default=312.0, metadata={"help": "the GPU's dense peak (A100 bf16: 312)"})
-    out: str = field(default="runs/bench.json", metadata={"help": "JSON report"})
+    threads: int = option(1, "torch intra-op threads (and OMP_NUM_THREADS of DDP runs)")
+    batch_size: int = option(8, "images per batch and per rank (a reward std needs 2)", at_least=2)
+    num_steps: int = option(20, "DDIM steps T")
+    train_timesteps: int = option(5, "trained steps K per iteration")
+    guidance: float = option(7.0, "classifier-free guidance scale")
+    eta: float = option(1.0, "DDIM eta")
+    mixed_precision: str = option("no", "autocast dtype, passed to train.py", choices=list(sampler.DTYPES))
+    gradient_checkpointing: bool = option(False, "in the timed iterations")
+    repeats: int = option(5, "interleaved rounds of every comparison")
+    iterations: int = option(3, "train.py iterations per round (the first is dropped)", at_least=2)
+    memory_timesteps: str = option("1,2,5", "--train-timesteps values of the memory table")
+    ddp_processes: str = option("1,2", "process counts of the ddp section")
+    sections: str = option(",".join(SECTIONS), "comma list of sections to run")
+    compile: bool = option(False, "also time torch.compile'd UNet forwards")
+    peak_tflops: float = option(312.0, "the GPU's dense peak (A100 bf16: 312)")
+    out: str = option("runs/bench.json", "JSON report")
 
 
 def parse_args(argv=None) -> BenchArgs:
-    parser = flags.build_parser(BenchArgs, __doc__)
-    args = BenchArgs(**vars(parser.parse_args(argv)))
+    args, parser = parse(BenchArgs, __doc__, argv)
     if not args.reward:
         args.reward = "pref" if toyworld.is_toy_model(args.model) else "brightness"
-    if args.iterations < 2 or args.batch_size < 2:
-        parser.error("--iterations and --batch-size must be at least 2 (a warm-up iteration, two halves)")
     if not set(args.sections.split(",")) <= set(SECTIONS):
         parser.error(f"--sections must be a comma list of {', '.join(SECTIONS)}")
     if max(map(int, args.memory_timesteps.split(","))) > args.num_steps:
@@ -363,71 +352,7 @@ def bench_ddp(args: BenchArgs, tmp: str) -> dict:
     return report
 
 
-#### 5. Overlap: scoring one half of the batch while the other half samples ####
-
-
-def bench_overlap(pipe, args: BenchArgs, device) -> dict:
-    """Within one iteration every sample must come from the same weights, so the only overlap that keeps
-    the algorithm on-policy is inside the batch: sample it in two halves and score the first while the
-    second samples (DDPO's thread pool does this). Reward stand-in: the VAE encoder, a CNN at image
-    resolution: 1.1 TFLOP per 512 px image, 1.4% of SD2's sampling, more than a CLIP ViT-L reward. The pinned
-    variant's worker runs torch with one thread, so it cannot start a second full OpenMP team."""
-    prompts = ["a photo of a cat"] * args.batch_size
-    half = args.batch_size // 2
-
-    def reward(images):
-        with torch.no_grad():
-            return pipe.vae.encode(images.to(pipe.vae.dtype) * 2 - 1).latent_dist.mean.mean(dim=(1, 2, 3))
-
-    def sample(chunk, seed):
-        return sampler.sample(
-            pipe, chunk, args.num_steps, args.guidance, args.eta, torch.Generator().manual_seed(seed)
-        )
-
-    def sequential():
-        return reward(sample(prompts, 0)["images"])
-
-    def halves():
-        return torch.cat(
-            [reward(sample(prompts[:half], 0)["images"]), reward(sample(prompts[half:], 1)["images"])]
-        )
-
-    def threaded(pool):
-        def run():
-            first = pool.submit(reward, sample(prompts[:half], 0)["images"])
-            second = reward(sample(prompts[half:], 1)["images"])
-            return torch.cat([first.result(), second])
-
-        return run
-
-    main_threads = torch.get_num_threads()
-    with (
-        concurrent.futures.ThreadPoolExecutor(1) as free,
-        concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pinned,
-    ):
-        times = interleaved(
-            {
-                "sequential": sequential,
-                "halves": halves,
-                "thread": threaded(free),
-                "thread_pinned": threaded(pinned),
-            },
-            args.repeats,
-            device,
-        )
-    assert torch.get_num_threads() == main_threads, "pinning the worker changed the main thread's threads"
-    images = sample(prompts, 0)["images"]
-    reward_seconds = interleaved({"reward": lambda: reward(images)}, args.repeats, device)["reward"]
-    return {
-        "seconds": {k: spread(v) for k, v in times.items()},
-        "reward_seconds": spread(reward_seconds),
-        "ratio_halves": ratios(times["halves"], times["sequential"]),
-        "ratio_thread": ratios(times["thread"], times["sequential"]),
-        "ratio_thread_pinned": ratios(times["thread_pinned"], times["sequential"]),
-    }
-
-
-#### 6. Throughput knobs: SDPA attention, channels_last, torch.compile (TF32 is CUDA-only) ####
+#### 5. Throughput knobs: SDPA attention, channels_last, torch.compile (TF32 is CUDA-only) ####
 
 
 def bench_knobs(args: BenchArgs, device) -> dict:
@@ -454,7 +379,7 @@ def bench_knobs(args: BenchArgs, device) -> dict:
     return report
 
 
-#### 7. Cost model: UNet FLOPs of an iteration, achieved FLOP/s, the paper's run ####
+#### 6. Cost model: UNet FLOPs of an iteration, achieved FLOP/s, the paper's run ####
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -575,14 +500,6 @@ def table(report: dict, args: BenchArgs) -> str:
             lines.append(f"| DDP scaling efficiency, 2 processes | {rate:.2f} | 1.0 |")
         else:
             lines.append(f"| samples/s, {n} DDP process(es) | {fmt(rate)} | |")
-    if "overlap" in report:
-        ov = report["overlap"]
-        lines += [
-            f"| reward stand-in seconds (VAE encoder on the batch) | {fmt(ov['reward_seconds'])} | |",
-            f"| batch in two halves, no thread / whole batch | {fmt(ov['ratio_halves'])} | |",
-            f"| reward in a thread / sequential | {fmt(ov['ratio_thread'])} | < 1 to adopt |",
-            f"| pinned reward thread / sequential | {fmt(ov['ratio_thread_pinned'])} | < 1 to adopt |",
-        ]
     for k, v in report.get("knobs", {}).items():
         if k not in ("default", "tf32"):
             lines.append(f"| UNet forward, {k} / default | {fmt(v['ratio'])} | < 1 to adopt |")
@@ -614,8 +531,9 @@ def main(args: BenchArgs) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # The benchmark's own UNet calls in train.py's precision (train.main sets its autocast itself).
-    dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    precision = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    precision = contextlib.nullcontext()
+    if args.mixed_precision != "no":
+        precision = torch.autocast(device.type, dtype=sampler.DTYPES[args.mixed_precision])
     pipe = sampler.load_pipeline(args.model, device=device)
     report = {"args": dataclasses.asdict(args), "device": str(device), "torch": torch.__version__}
     sections = args.sections.split(",")
@@ -628,8 +546,6 @@ def main(args: BenchArgs) -> dict:
             report["memory"] = bench_memory(args, device, tmp)
         if "ddp" in sections:
             report["ddp"] = bench_ddp(args, tmp)
-        if "overlap" in sections:
-            report["overlap"] = bench_overlap(pipe, args, device)
         if "knobs" in sections:
             report["knobs"] = bench_knobs(args, device)
     if "flops" in sections:
