@@ -14,7 +14,6 @@ that no script imports another only for its flags.
 
 import argparse
 import dataclasses
-import types
 import typing
 
 BOUNDS = {"at_least": (">=", lambda value, bound: value >= bound),
@@ -30,9 +29,9 @@ def option(default, help: str, **kwargs):
 
 
 def value_type(annotation):
-    """The type argparse converts each value with: str for `str | None` and `list[str]`."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (typing.Union, list):
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    """The type argparse converts each value with: str for `str | None`, `list[str]`, `list[str] | None`."""
+    while typing.get_args(annotation):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
 
 
