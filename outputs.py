@@ -6,7 +6,7 @@
         train_state.pt   optimizer and grad-scaler state, the iteration, each rank's weight checksums
         args.json        the run's arguments and world_size, read back by check_resumable
     OUT/metrics.jsonl    one line per iteration and task (train.metrics_row), mirrored to TensorBoard or W&B
-    OUT/samples-<iteration>-<task>.png   a grid of rank 0's samples every --sample-every iterations
+    OUT/samples-<iteration>-<task>.png   rank 0's first 16 samples with their prompts, every --sample-every
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a half-written
 one under its name. train.py's loop is Algorithm 1; this file is the bookkeeping around it.
@@ -19,12 +19,13 @@ import os
 import re
 import shutil
 import socket
+import textwrap
 import time
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
 RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
@@ -272,34 +273,66 @@ def open_logs(out: str, config: dict, start: int, log_with: str):
 
 
 def open_tracker(out: str, log_with: str, config: dict):
-    """(track, close): track(row) sends a metrics row's numbers to TensorBoard or W&B; close() flushes."""
+    """(track, close): track(row, grid=None) sends a metrics row to TensorBoard or W&B, its numbers as
+    "<task>/<name>" scalars, each *_per_step list as one scalar per trained step in training order
+    ("<task>/approx_kl_per_step/0" is the on-policy first step), and a sample grid (a PIL image) when given;
+    close() flushes."""
 
-    def scalars(row):  # "comp/reward_mean": 0.61, ...
-        return {f"{row['task']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
+    def scalars(row):  # {"comp/reward_mean": 0.61, "comp/clipfrac_per_step/1": 0.4, ...}
+        named = {
+            f"{row['task']}/{k}": v
+            for k, v in row.items()
+            if isinstance(v, (int, float)) and k != "iteration"
+        }
+        steps = {
+            f"{row['task']}/{k}/{i}": v
+            for k, vs in row.items()
+            if k.endswith("_per_step")
+            for i, v in enumerate(vs)
+        }
+        return named | steps
 
     if log_with == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(out, "tensorboard"))
 
-        def track(row):
+        def track(row, grid=None):
             for tag, value in scalars(row).items():
                 writer.add_scalar(tag, value, row["iteration"])
+            if grid is not None:
+                writer.add_image(
+                    f"{row['task']}/samples", np.asarray(grid), row["iteration"], dataformats="HWC"
+                )
 
         return track, writer.close
     if log_with == "wandb":
         import wandb
 
         wandb.init(project="large-scale-rl-diffusion", config=config, dir=out)
-        return lambda row: wandb.log(scalars(row), step=row["iteration"]), wandb.finish
-    return lambda row: None, lambda: None
+
+        def track(row, grid=None):
+            images = {f"{row['task']}/samples": wandb.Image(grid)} if grid is not None else {}
+            wandb.log(scalars(row) | images, step=row["iteration"])
+
+        return track, wandb.finish
+    return lambda row, grid=None: None, lambda: None
 
 
-def save_grid(images: torch.Tensor, path: str, columns: int = 8):
-    """images (N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row."""
-    n, _, h, w = images.shape
-    grid = torch.zeros(3, (n + columns - 1) // columns * h, columns * w)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+def sample_grid(images: torch.Tensor, captions: list[str], cell: int = 128) -> Image.Image:
+    """images (N, 3, H, W) in [0, 1], each enlarged to `cell` pixels (nearest neighbour: small images keep
+    their pixels) with its caption under it; as many columns as images, at most 8."""
+    columns = min(len(images), 8)
+    rows = -(-len(images) // columns)
+    text_height = 30
+    grid = Image.new("RGB", (columns * (cell + 4), rows * (cell + text_height + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    small = ImageFont.load_default(size=11)
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        row, column = divmod(i, columns)
+        x, y = column * (cell + 4) + 2, row * (cell + text_height + 4) + 2
+        pixels = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+        grid.paste(Image.fromarray(pixels).resize((cell, cell), Image.NEAREST), (x, y))
+        lines = textwrap.wrap(caption, width=max(10, cell // 6))[:2]
+        draw.multiline_text((x, y + cell + 2), "\n".join(lines), fill=(40, 40, 40), font=small, spacing=1)
+    return grid

@@ -187,12 +187,12 @@ class Run:
     def master(self) -> bool:
         return self.rank == 0
 
-    def log(self, row: dict):
-        """One line of OUT/metrics.jsonl (rank 0), mirrored to the tracker."""
+    def log(self, row: dict, grid=None):
+        """One line of OUT/metrics.jsonl (rank 0), mirrored to the tracker with the sample grid if any."""
         if self.master:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-            self.track(row)
+            self.track(row, grid)
 
     def warn(self, message: str):
         if self.master:  # every rank hits the same guards; one message is enough
@@ -229,7 +229,7 @@ def load_tasks(args: Args, device, world_size: int) -> tuple[list, list]:
             )
         if len(prompts) < world_size:
             raise ValueError(
-                f"task {task.name!r} has {len(prompts)} prompts for {world_size} ranks; give more prompts"
+                f"task {task.name!r} has {len(prompts)} prompts for {world_size} ranks; add prompts"
             )
     return tasks, prompt_lists
 
@@ -498,17 +498,17 @@ def metrics_row(run: Run, task, iteration, rewards, info: dict, per_step: dict, 
 def non_finite_rewards_row(run: Run, task, iteration: int, rewards: torch.Tensor, start: float) -> dict:
     """The metrics line of a task whose gathered rewards are not all finite: its update is skipped."""
     run.warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
-    skipped = run.args.train_timesteps * run.args.inner_epochs
-    return {"iteration": iteration, "task": task.name, "samples": len(rewards),
-            "non_finite_rewards": int((~torch.isfinite(rewards)).sum()), "skipped_steps": skipped,
-            "seconds": time.time() - start}  # fmt: skip
+    skipped, seconds = run.args.train_timesteps * run.args.inner_epochs, time.time() - start
+    return {"iteration": iteration, "task": task.name, "samples": len(rewards), "skipped_steps": skipped,
+            "non_finite_rewards": int((~rewards.isfinite()).sum()), "seconds": seconds}  # fmt: skip
 
 
-def save_samples(run: Run, task, batch: Batch, iteration: int):
-    """OUT/samples-<iteration>-<task>.png, 16 images of rank 0, every --sample-every iterations."""
+def sample_grid(run: Run, task, batch: Batch, iteration: int):
+    """Every --sample-every iterations, rank 0: OUT/samples-<iteration>-<task>.png, 16 samples and prompts."""
     if run.master and run.args.sample_every and iteration % run.args.sample_every == 0:
-        path = os.path.join(run.args.out, f"samples-{iteration:05d}-{task.name}.png")
-        outputs.save_grid(batch.images[:16], path)
+        grid = outputs.sample_grid(batch.images[:16], batch.prompts[:16])
+        grid.save(os.path.join(run.args.out, f"samples-{iteration:05d}-{task.name}.png"))
+        return grid
 
 
 #### Algorithm 1, step 4: the pretraining loss L_pre ####
@@ -668,8 +668,8 @@ def main(args: Args, run: Run | None = None):
             # 3. TRAINING: K DDIM steps, one optimizer step of the clipped surrogate (Eq. 4) each
             per_step = ppo_update(run, batch, advantages.to(run.device), task_index, iteration)
             times = [start, sampled, scored, time.time()]
-            run.log(metrics_row(run, task, iteration, global_rewards, info, per_step, times))
-            save_samples(run, task, batch, iteration)
+            grid = sample_grid(run, task, batch, iteration)
+            run.log(metrics_row(run, task, iteration, global_rewards, info, per_step, times), grid)
             bar.set_postfix({task.name: f"{global_rewards.mean().item():.3f}"})
 
         # 4. L_pre: one step on image-caption data after the RL steps

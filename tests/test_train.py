@@ -122,20 +122,28 @@ def test_several_tasks_log_each_task_and_write_all_outputs(tmp_path):
     assert json.load(open(os.path.join(out, "final", "args.json")))["rewards"] == "brightness,jpeg"
 
 
-def test_wandb_gets_every_metrics_row_and_is_finished_at_the_end(tmp_path, monkeypatch):
+def test_wandb_gets_every_metrics_row_per_step_values_and_sample_images(tmp_path, monkeypatch):
     calls = []
     fake = type(sys)("wandb")  # a stand-in module: wandb is optional and needs an account
     fake.init = lambda **kw: calls.append(("init", kw["project"]))
-    fake.log = lambda scalars, step: calls.append(("log", step, scalars["brightness/reward_mean"]))
+    fake.log = lambda logged, step: calls.append(("log", step, logged))
     fake.finish = lambda: calls.append(("finish",))
+    fake.Image = lambda image: ("image", image.size)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--log-with", "wandb")
-    logged = [call[1:] for call in calls if call[0] == "log"]  # (step, reward)
-    assert logged == [(row["iteration"], row["reward_mean"]) for row in metrics(out)]
+    out = run(
+        tmp_path, "--rewards", "brightness", "--iterations", "2", "--log-with", "wandb", "--sample-every", "1"
+    )
+    logged = [call[1:] for call in calls if call[0] == "log"]  # (step, {tag: value})
+    assert [(step, values["brightness/reward_mean"]) for step, values in logged] == [
+        (row["iteration"], row["reward_mean"]) for row in metrics(out)
+    ]
+    for (_, values), row in zip(logged, metrics(out), strict=True):
+        assert [values[f"brightness/clipfrac_per_step/{i}"] for i in range(3)] == row["clipfrac_per_step"]
+        assert values["brightness/samples"][0] == "image" and "brightness/iteration" not in values
     assert calls[0] == ("init", "large-scale-rl-diffusion") and calls[-1] == ("finish",) and len(calls) == 4
 
 
-def test_tensorboard_gets_every_metrics_row_and_is_closed_at_the_end(tmp_path, monkeypatch):
+def test_tensorboard_gets_every_metrics_row_per_step_values_and_sample_images(tmp_path, monkeypatch):
     calls = []
 
     class Writer:  # a stand-in for torch.utils.tensorboard's, which needs the tensorboard package
@@ -145,16 +153,35 @@ def test_tensorboard_gets_every_metrics_row_and_is_closed_at_the_end(tmp_path, m
         def add_scalar(self, tag, value, step):
             calls.append(("scalar", tag, value, step))
 
+        def add_image(self, tag, image, step, dataformats):
+            calls.append(("image", tag, image.shape, step, dataformats))
+
         def close(self):
             calls.append(("close",))
 
     fake = type(sys)("torch.utils.tensorboard")
     fake.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--log-with", "tensorboard")
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--log-with", "tensorboard",
+              "--sample-every", "10")  # fmt: skip
     logged = [call[2:] for call in calls if call[:2] == ("scalar", "brightness/reward_mean")]  # (value, step)
     assert logged == [(row["reward_mean"], row["iteration"]) for row in metrics(out)]
+    first = metrics(out)[0]
+    per_step = [call[2] for call in calls if call[0] == "scalar" and "/approx_kl_per_step/" in call[1]]
+    assert per_step[:3] == first["approx_kl_per_step"]
+    (image,) = [call for call in calls if call[0] == "image"]  # --sample-every 10: iteration 0 only
+    assert image[1] == "brightness/samples" and image[2][2] == 3 and image[3:] == (0, "HWC")
+    assert not [call for call in calls if call[0] == "scalar" and call[1].endswith("/iteration")]
     assert calls[0] == ("open", "tensorboard") and calls[-1] == ("close",)
+
+
+def test_sample_grids_fit_their_images_and_carry_the_prompts(tmp_path):
+    import outputs
+
+    grid = outputs.sample_grid(torch.rand(3, 3, 32, 32), ["a red circle", "a portrait of a doctor", "a cat"])
+    assert grid.size == (3 * 132, 128 + 30 + 4)  # three columns for three images, a caption row under them
+    out = run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--sample-every", "1")
+    assert os.path.isfile(os.path.join(out, "samples-00000-brightness.png"))
 
 
 def test_resume_continues_exactly(tmp_path):
