@@ -245,10 +245,11 @@ def check_resumable(path: str, args: dict, world_size: int, master: bool = True)
         )
 
 
-def open_logs(out: str, config: dict, start: int, log_with: str):
+def open_logs(config: dict, start: int):
     """OUT/args.json; OUT/metrics.jsonl cut back to the lines before iteration `start` (none for a fresh
     run: a resumed run logs the rest again; a line cut off by a kill has no newline and is dropped); and
-    the tracker: returns open_tracker's (track, close)."""
+    the tracker: returns open_tracker's (track, close). config: the run's arguments."""
+    out = config["out"]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -269,7 +270,7 @@ def open_logs(out: str, config: dict, start: int, log_with: str):
         with open(path + ".tmp", "w") as f:  # a kill now loses no history: the rename below is atomic
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-    return open_tracker(out, log_with, config)
+    return open_tracker(out, config["log_with"], config)
 
 
 def open_tracker(out: str, log_with: str, config: dict):

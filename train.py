@@ -208,9 +208,8 @@ def init_processes(timeout: float) -> tuple[torch.device, int, int, bool]:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout)
-    )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return device, dist.get_rank(), dist.get_world_size(), True
 
 
@@ -256,33 +255,35 @@ def load_model(args: Args, device, dtype: torch.dtype):
     return pipe, lora_config, [p for p in unet.parameters() if p.requires_grad]
 
 
+def claim_out(args: Args, rank: int, device):
+    """Before any work: take --out (one run writes to it at a time), clear what a kill during a checkpoint
+    write left, and refuse a fresh run over an earlier run's checkpoints. Every rank raises together."""
+    in_use = outputs.lock(args.out) if rank == 0 else ""
+    if all_mean(torch.tensor([float(bool(in_use))], device=device)).item() > 0:
+        raise FileExistsError(in_use or f"{args.out} is in use by another run")
+    if rank == 0:
+        outputs.remove_leftovers(args.out)
+    barrier()
+    found = not args.resume and bool(outputs.checkpoint_iterations(args.out))
+    if all_mean(torch.tensor([float(found)], device=device)).item() > 0:
+        hint = "continue it with --resume latest, or pass another --out (or delete the folder)"
+        raise FileExistsError(f"{args.out} holds checkpoints of an earlier run: {hint}")
+
+
 def resume(run: Run) -> int:
     """The iteration to start from: the checkpoint's, with its weights, optimizer and scaler state loaded
     (prompts and noise are functions of (seed, iteration), so nothing else is needed), or 0."""
     args = run.args
-    in_use = outputs.lock(args.out) if run.master else ""  # one run writes to --out at a time
-    if all_mean(torch.tensor([float(bool(in_use))], device=run.device)).item() > 0:  # every rank stops
-        raise FileExistsError(in_use or f"{args.out} is in use by another run")
-    if run.master:  # what a kill during a checkpoint write left never counts as the run's state
-        outputs.remove_leftovers(args.out)
-    barrier()
     if not args.resume:
-        found = bool(outputs.checkpoint_iterations(args.out))
-        if all_mean(torch.tensor([float(found)], device=run.device)).item() > 0:  # every rank raises together
-            raise FileExistsError(
-                f"{args.out} holds checkpoints of an earlier run: continue it with --resume latest, "
-                "or pass another --out (or delete the folder)"
-            )
         return 0
     path = outputs.latest(args.out) if args.resume == "latest" else args.resume
     outputs.check_resumable(path, dataclasses.asdict(args), run.world_size, run.master)
     state = outputs.read_train_state(path, run.device)
-    if state["iteration"] > args.iterations:
-        raise ValueError(
-            f"--resume {path} is at iteration {state['iteration']}, beyond --iterations {args.iterations}"
-        )
+    start = state["iteration"]
+    if start > args.iterations:
+        raise ValueError(f"--resume {path} is at iteration {start}, beyond --iterations {args.iterations}")
     if run.master:  # resuming an earlier checkpoint: the later ones of the old branch go out of latest's way
-        outputs.set_aside_later_checkpoints(args.out, state["iteration"])
+        outputs.set_aside_later_checkpoints(args.out, start)
     if run.lora_config is None:
         sampler.load_checkpoint_weights(run.pipe, path)
     else:
@@ -291,12 +292,13 @@ def resume(run: Run) -> int:
     for group in run.optimizer.param_groups:  # ... so this run's --lr and --weight-decay go back in
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     run.scaler.load_state_dict(state["scaler"])
-    return state["iteration"]
+    return start
 
 
 def setup(args: Args) -> Run:
     """Processes, tasks, model, optimizer, resume and logging, in this order (the order fixes the RNG)."""
     device, rank, world_size, ddp = init_processes(args.dist_timeout)
+    claim_out(args, rank, device)
     torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's weights)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -306,7 +308,7 @@ def setup(args: Args) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     tasks, prompt_lists = load_tasks(args, device, world_size)
     pipe, lora_config, trainable = load_model(args, device, dtype)
-    # fused: one kernel for all parameters instead of a loop of small ops (4x faster step on CPU, bench.py)
+    # fused: one kernel for all parameters, not a loop of small ops (a 4x faster step on CPU, tools/bench.py)
     optimizer = torch.optim.AdamW(
         trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True
     )
@@ -317,9 +319,7 @@ def setup(args: Args) -> Run:
               lora_config, trainable, optimizer, pretrain_data)  # fmt: skip
     run.start = resume(run)
     if run.master:  # OUT/args.json, OUT/metrics.jsonl up to the start, the tracker
-        run.track, run.close_tracker = outputs.open_logs(
-            args.out, dataclasses.asdict(args), run.start, args.log_with
-        )
+        run.track, run.close_tracker = outputs.open_logs(dataclasses.asdict(args), run.start)
     barrier()
     # SIGTERM (cluster preemption): finish the iteration, save and exit (checkpoint_or_stop)
     signal.signal(signal.SIGTERM, lambda *_: run.stop.fill_(1))

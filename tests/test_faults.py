@@ -205,8 +205,8 @@ def test_the_metrics_rewrite_at_start_up_loses_nothing_if_killed(tmp_path, monke
 
     monkeypatch.setattr(outputs.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        outputs.open_logs(out, {}, 1, "none")
+        outputs.open_logs({"out": out, "log_with": "none"}, 1)
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows)
     monkeypatch.undo()
-    outputs.open_logs(out, {}, 1, "none")
+    outputs.open_logs({"out": out, "log_with": "none"}, 1)
     assert (tmp_path / "metrics.jsonl").read_text() == rows[0]
