@@ -73,7 +73,7 @@ def test_curves_figure_draws_one_panel_per_task_and_one_colour_per_run(tmp_path)
     write_metrics(tmp_path / "skin", skin)
     write_metrics(tmp_path / "joint", joint)
     curves = figures.read_curves(str(tmp_path / "joint"))
-    assert set(curves) == {"skin", "comp"} and curves["comp"][-1] == (3, 0.6 + 0.02 * 3)
+    assert set(curves) == {"skin", "comp"} and curves["comp"][-1]["reward_mean"] == 0.6 + 0.02 * 3
 
     out = tmp_path / "curves.png"
     figures.main(["curves", f"skin={tmp_path / 'skin'}", f"joint={tmp_path / 'joint'}", "--out", str(out)])
@@ -89,3 +89,23 @@ def test_nice_ticks_cover_the_range_with_round_steps():
     assert ticks[0] <= -0.31 and ticks[-1] >= -0.11
     step = round(ticks[1] - ticks[0], 10)
     assert step in (0.05, 0.1) and len(ticks) <= 7
+
+
+def test_curves_show_the_reward_spread_and_the_per_step_statistics(tmp_path):
+    rows = [{"iteration": i, "task": "comp", "reward_mean": 0.6 + 0.02 * i, "reward_std": 0.05,
+             "approx_kl_per_step": [0.0, 1e-4 * i, 2e-4 * i], "clipfrac_per_step": [0.0, 0.5, 0.9]}
+            for i in range(3)]  # fmt: skip
+    write_metrics(tmp_path / "a", rows)
+    write_metrics(tmp_path / "b", [{**row, "reward_mean": row["reward_mean"] - 0.1} for row in rows])
+    (reward,), kl, clipfrac = figures.panels_of(
+        {"a": figures.read_curves(str(tmp_path / "a"))}, per_step=True
+    )
+    assert reward[2]["a"] == [(0, 0.6, 0.05), (1, 0.62, 0.05), (2, 0.64, 0.05)]
+    assert clipfrac[0][2]["a"] == [(0, 0.0, None), (1, 0.5, None), (2, 0.9, None)]  # by trained step
+    assert kl[0][2]["a"][2] == (2, 2e-4, None)  # the mean over the iterations
+    out = tmp_path / "curves.png"
+    figures.main(["curves", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--per-step", "--out", str(out)])
+    image = Image.open(out)
+    assert image.size == (300, 3 * 230 + 30)  # one task: a column of three panels, the legend under them
+    pixels = {tuple(p) for p in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    assert figures.COLORS[0] in pixels and figures.COLORS[1] in pixels  # both runs drawn

@@ -13,12 +13,16 @@ k = prompt * N + j, paired across models by seed) and their rewards. The toy wor
 enlarged by nearest-neighbour upscaling, so every pixel stays visible as it was generated.
 """
 
-import argparse
 import json
 import math
 import os
+import sys
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: flags.py
+from flags import option, parse  # noqa: E402
 
 INK, GREY, LIGHT = (20, 20, 20), (110, 110, 110), (225, 225, 225)
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -78,22 +82,22 @@ def image_figure(
 #### Reward curves ####
 
 
-def read_curves(folder: str) -> dict[str, list[tuple[int, float]]]:
-    """{task: [(iteration, reward_mean)]} from a train.py run's metrics.jsonl (L_pre rows and rows of a
+def read_curves(folder: str) -> dict[str, list[dict]]:
+    """{task: its metrics rows, in order} from a train.py run's metrics.jsonl (L_pre rows and rows of a
     skipped update, which carry no reward_mean, left out)."""
     curves = {}
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
             if row.get("task") != "pretrain" and "reward_mean" in row:
-                curves.setdefault(row["task"], []).append((row["iteration"], row["reward_mean"]))
+                curves.setdefault(row["task"], []).append(row)
     return curves
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
     if high <= low:
-        high = low + 1e-3
+        high = low + max(abs(low), 1.0) * 1e-3
     raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
@@ -101,48 +105,92 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [start + i * step for i in range(int(math.ceil((high - start) / step)) + 1)]
 
 
-def curves_figure(runs: dict[str, dict[str, list[tuple[int, float]]]], panel: tuple[int, int] = (300, 220)):
-    """One panel per task (in order of first appearance): reward_mean per iteration of every run that
-    trained the task, one colour per run, with a legend below."""
+def panels_of(runs: dict[str, dict[str, list[dict]]], per_step: bool) -> list[list[tuple]]:
+    """Rows of panels (title, x label, {run: [(x, y, spread)]}): reward mean +- std per iteration for each
+    task; with per_step, approx_kl and clipfrac by trained step (0: the on-policy first), averaged over
+    iterations."""
     tasks = list(dict.fromkeys(task for curves in runs.values() for task in curves))
+
+    def series(task, points):
+        return {name: points(curves[task]) for name, curves in runs.items() if task in curves}
+
+    rows = [[(f"{task}: training reward (mean +- std)", "iteration",
+              series(task, lambda rs: [(r["iteration"], r["reward_mean"], r.get("reward_std")) for r in rs]))
+             for task in tasks]]  # fmt: skip
+    for key in ("approx_kl", "clipfrac") if per_step else ():
+
+        def by_step(rs, key=key):
+            lists = [r[f"{key}_per_step"] for r in rs if r.get(f"{key}_per_step")]
+            return [(k, sum(values) / len(values), None) for k, values in enumerate(zip(*lists, strict=True))]
+
+        rows.append(
+            [(f"{task}: {key} by trained step", "trained step", series(task, by_step)) for task in tasks]
+        )
+    return rows
+
+
+def draw_panel(
+    figure: Image.Image, box: tuple[int, int, int, int], title: str, xlabel: str, series: dict, colors
+):
+    """Axes in box (left, top, right, bottom of the plot area), a line per run and a band of +- spread."""
+    x0, y0, x1, y1 = box
+    draw = ImageDraw.Draw(figure)
+    points = [p for line in series.values() for p in line]
+    if not points:
+        return
+    lows = [y - (s or 0) for _, y, s in points]
+    highs = [y + (s or 0) for _, y, s in points]
+    ticks = nice_ticks(min(lows), max(highs))
+    xs = [x for x, _, _ in points]
+    xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
+
+    def xy(x, y):
+        return (
+            x0 + (x - xmin) / (xmax - xmin) * (x1 - x0),
+            y1 - (y - ticks[0]) / (ticks[-1] - ticks[0]) * (y1 - y0),
+        )
+
+    for tick in ticks:
+        _, y = xy(xmin, tick)
+        draw.line([(x0, y), (x1, y)], LIGHT)
+        draw.text((x0 - 6, y), f"{tick:.3g}", GREY, font(11), anchor="rm")
+    for x in sorted({xmin, xmax, *range(xmin, xmax + 1, max(1, (xmax - xmin) // 4 or 1))}):
+        draw.text((xy(x, ticks[0])[0], y1 + 6), str(x), GREY, font(11), anchor="mt")
+    draw.rectangle([x0, y0, x1, y1], outline=GREY)
+    draw.text(((x0 + x1) / 2, y0 - 20), title, INK, font(13), anchor="mt")
+    draw.text(((x0 + x1) / 2, y1 + 22), xlabel, GREY, font(11), anchor="mt")
+    band = Image.new("RGBA", figure.size, (0, 0, 0, 0))
+    for name, line in series.items():
+        line = sorted(line)
+        if all(s is not None for _, _, s in line) and len(line) > 1:
+            outline = [xy(x, y + s) for x, y, s in line] + [xy(x, y - s) for x, y, s in reversed(line)]
+            ImageDraw.Draw(band).polygon(outline, fill=(*colors[name], 40))
+    figure.paste(Image.alpha_composite(figure.convert("RGBA"), band).convert("RGB"))
+    draw = ImageDraw.Draw(figure)
+    for name, line in series.items():
+        centre = [xy(x, y) for x, y, _ in sorted(line)]
+        if len(centre) > 1:
+            draw.line(centre, colors[name], width=2)
+        for x, y in centre:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors[name])
+
+
+def curves_figure(runs: dict[str, dict[str, list[dict]]], panel=(300, 230), per_step: bool = False):
+    """One panel per task (in order of first appearance) of every run that trained it, one colour per run,
+    a legend below; with per_step, rows of approx_kl and clipfrac by trained step under them."""
+    rows = panels_of(runs, per_step)
     colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(runs)}
     pw, ph = panel
-    left, right, top, bottom = 52, 12, 28, 34
-    legend = 30
-    figure = Image.new("RGB", (len(tasks) * pw, ph + legend), "white")
-    draw = ImageDraw.Draw(figure)
-    for t, task in enumerate(tasks):
-        x0, x1, y0, y1 = t * pw + left, (t + 1) * pw - right, top, ph - bottom
-        points = [p for curves in runs.values() for p in curves.get(task, [])]
-        iterations = [i for i, _ in points]
-        ticks = nice_ticks(min(v for _, v in points), max(v for _, v in points))
-        xmin, xmax = min(iterations), max(max(iterations), min(iterations) + 1)
-
-        def xy(i, v, ticks=ticks, xmin=xmin, xmax=xmax, x0=x0, x1=x1, y0=y0, y1=y1):
-            x = x0 + (i - xmin) / (xmax - xmin) * (x1 - x0)
-            y = y1 - (v - ticks[0]) / (ticks[-1] - ticks[0]) * (y1 - y0)
-            return x, y
-
-        for tick in ticks:
-            _, y = xy(xmin, tick)
-            draw.line([(x0, y), (x1, y)], LIGHT)
-            draw.text((x0 - 6, y), f"{tick:.2f}", GREY, font(11), anchor="rm")
-        for i in sorted({xmin, xmax, *range(xmin, xmax + 1, max(1, (xmax - xmin) // 4 or 1))}):
-            x, _ = xy(i, ticks[0])
-            draw.text((x, y1 + 6), str(i), GREY, font(11), anchor="mt")
-        draw.rectangle([x0, y0, x1, y1], outline=GREY)
-        draw.text(((x0 + x1) / 2, 8), f"{task}: training reward", INK, font(13), anchor="mt")
-        draw.text(((x0 + x1) / 2, ph - 12), "iteration", GREY, font(11), anchor="mt")
-        for name, curves in runs.items():
-            line = [xy(i, v) for i, v in sorted(curves.get(task, []))]
-            if len(line) > 1:
-                draw.line(line, colors[name], width=2)
-            for x, y in line:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colors[name])
-    x = 10
+    left, right, top, bottom, legend = 52, 12, 28, 40, 30
+    figure = Image.new("RGB", (len(rows[0]) * pw, len(rows) * ph + legend), "white")
+    for r, row in enumerate(rows):
+        for t, (title, xlabel, series) in enumerate(row):
+            box = (t * pw + left, r * ph + top, (t + 1) * pw - right, (r + 1) * ph - bottom)
+            draw_panel(figure, box, title, xlabel, series, colors)
+    draw, x, y = ImageDraw.Draw(figure), 10, len(rows) * ph + 15
     for name, color in colors.items():
-        draw.line([(x, ph + 15), (x + 22, ph + 15)], color, width=3)
-        draw.text((x + 28, ph + 15), name, INK, font(12), anchor="lm")
+        draw.line([(x, y), (x + 22, y)], color, width=3)
+        draw.text((x + 28, y), name, INK, font(12), anchor="lm")
         x += 40 + int(draw.textlength(name, font(12)))
     return figure
 
@@ -150,46 +198,56 @@ def curves_figure(runs: dict[str, dict[str, list[tuple[int, float]]]], panel: tu
 #### Command line ####
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    images = commands.add_parser("images", help="base vs fine-tuned images from an evaluate.py output folder")
-    images.add_argument("eval", help="evaluate.py --out folder (holds results.json)")
-    images.add_argument("--set", default="skin/occupations", help="prompt set, as in results.json")
-    images.add_argument(
-        "--row",
-        action="append",
-        default=None,
-        help="LABEL or LABEL=TITLE of a model to show, in order (repeatable; default: every model)",
-    )
-    images.add_argument("--prompts", type=int, default=4, help="the set's first prompts to show")
-    images.add_argument("--images", type=int, default=8, help="images per prompt and model to show")
-    images.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling factor")
-    images.add_argument("--out", required=True, help="PNG to write")
-    curves = commands.add_parser("curves", help="reward_mean per iteration from train.py run folders")
-    curves.add_argument("runs", nargs="+", help="NAME=FOLDER (or FOLDER) of a train.py run")
-    curves.add_argument("--out", required=True, help="PNG to write")
-    return parser.parse_args(argv)
+@dataclass
+class ImagesArgs:
+    """python tools/figures.py images EVAL: base vs fine-tuned images from an evaluate.py output folder."""
+
+    set: str = option("skin/occupations", "prompt set, as in results.json")
+    row: list[str] = option(None, "LABEL or LABEL=TITLE of a model to show, in order (repeatable; default: "
+                                  "every model)", action="append")  # fmt: skip
+    prompts: int = option(4, "the set's first prompts to show", at_least=1)
+    images: int = option(8, "images per prompt and model to show", at_least=1)
+    scale: int = option(2, "nearest-neighbour upscaling factor", at_least=1)
+    out: str = option("figure.png", "PNG to write")
+
+
+@dataclass
+class CurvesArgs:
+    """python tools/figures.py curves [NAME=]RUN ...: reward mean +- std per iteration of train.py runs."""
+
+    per_step: bool = option(False, "add rows of approx_kl and clipfrac by trained step (0: on-policy)")
+    out: str = option("curves.png", "PNG to write")
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.command == "images":
-        with open(os.path.join(args.eval, "results.json")) as f:
+    argv = sys.argv[1:] if argv is None else argv
+    command, folders = (argv[0], []) if argv else ("", [])
+    if command not in ("images", "curves"):
+        raise SystemExit(
+            "usage: python tools/figures.py {images EVAL | curves [NAME=]RUN ...} [flags]; see --help"
+        )
+    rest = argv[1:]
+    while rest and not rest[0].startswith("--"):  # the positional folders come first
+        folders.append(rest.pop(0))
+    config = ImagesArgs if command == "images" else CurvesArgs
+    args, _ = parse(config, config.__doc__, rest)
+    if command == "images":
+        if len(folders) != 1:
+            raise SystemExit("python tools/figures.py images takes one evaluate.py --out folder")
+        with open(os.path.join(folders[0], "results.json")) as f:
             results = json.load(f)
         labels = list(results["sets"][args.set]["files"])
-        specs = args.row or labels
-        rows = dict(spec.split("=", 1) if "=" in spec else (spec, spec) for spec in specs)
+        rows = dict(spec.split("=", 1) if "=" in spec else (spec, spec) for spec in args.row or labels)
         unknown = set(rows) - set(labels)
         if unknown:
-            raise SystemExit(f"no model {sorted(unknown)} in {args.eval}; it has {labels}")
-        figure, _ = image_figure(results, args.eval, args.set, rows, args.prompts, args.images, args.scale)
+            raise SystemExit(f"no model {sorted(unknown)} in {folders[0]}; it has {labels}")
+        figure, _ = image_figure(results, folders[0], args.set, rows, args.prompts, args.images, args.scale)
     else:
         runs = {}
-        for spec in args.runs:
+        for spec in folders:
             name, folder = spec.split("=", 1) if "=" in spec else (os.path.basename(spec.rstrip("/")), spec)
             runs[name] = read_curves(folder)
-        figure = curves_figure(runs)
+        figure = curves_figure(runs, per_step=args.per_step)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     figure.save(args.out, optimize=True)
     print(f"wrote {args.out} ({figure.width}x{figure.height})")
