@@ -10,7 +10,7 @@ images are float in [0, 1] with shape (B, 3, H, W); metadata is one dict per ima
 holds "group": the id of the images generated for the same prompt (minibatch rewards such as
 skin-tone parity are computed per group).
 
-Tasks (README "Rewards" lists models, licenses and costs):
+Tasks (docs/rewards.md lists models, licenses and costs):
     pref         PickScore (CLIP ViT-H/14) on DiffusionDB prompts      splits train, test
     imagereward  ImageReward, the paper's choice (optional package)    splits train, test
     skin         -SP of 4 zero-shot CLIP skin-tone buckets per group   splits train, occupations
@@ -75,7 +75,7 @@ def group_parity_rewards(buckets: torch.Tensor, groups: torch.Tensor, num_bucket
     group already has most of (the first on a tie; bucket 0 in a group with nobody in it), so leaving a
     person out never lowers SP, and a group with nobody in it gets the worst parity, 1 - 1/|A|. (Left out
     of the statistic instead, empty images let hiding over-represented faces lower SP; and when an
-    all-empty group scored SP 0, RL in the toy world learned to stop drawing people: README.)"""
+    all-empty group scored SP 0, RL in the toy world learned to stop drawing people: docs/toyworld.md.)"""
     rewards = torch.empty(len(buckets))
     for g in groups.unique():
         in_group = groups == g

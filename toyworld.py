@@ -1,4 +1,4 @@
-"""The toy world: the paper's three tasks in a tiny, fully offline world (README, "The toy world").
+"""The toy world: the paper's three tasks in a tiny, fully offline world (docs/toyworld.md).
 
 The world is 32x32 RGB scenes drawn procedurally, each with a caption:
 - one coloured shape ("a red circle") or two with a spatial relation ("a red circle left of a blue cross"),
@@ -711,7 +711,7 @@ def pretrain(args: PretrainArgs) -> None:
     print(f"saved {args.out} after {(time.time() - start) / 60:.1f} min")
 
 
-#### The base model's numbers (README, "The toy world") ####
+#### The base model's numbers (docs/toyworld.md) ####
 
 
 def _generate(pipe, prompts: list[str], args, generator) -> torch.Tensor:

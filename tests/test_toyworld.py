@@ -273,7 +273,7 @@ def test_toy_world_keeps_the_weight_free_rewards_and_rejects_unknown_names():
         tw.load_task("nope", "toy")
 
 
-# The README's specialist runs ("What RL does in the toy world"; the paper's batch-level advantages), cut
+# The specialist runs of docs/toyworld.md (the paper's batch-level advantages), cut
 # short: batch 512 is what it takes for the signal to beat the policy-gradient noise on this small model, so
 # each run costs minutes: about 4, 6 and 12 to 14 on one core, the slowest tests by far. Under the README's
 # test command, `pytest -n auto --dist loadgroup` (pytest-xdist), the process group keeps pref in one process

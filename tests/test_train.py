@@ -462,7 +462,9 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     for name in ["checkpoint-1", "checkpoint-2", "final"]:
         assert os.path.isdir(os.path.join(out, name))
     # train.py compares checksums of every rank's weights before each save and records them.
-    state = torch.load(os.path.join(out, "final", "train_state.pt"), weights_only=True)
+    state = torch.load(
+        os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True
+    )  # final/: weights
     checksums = state["rank_checksums"]
     assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1])
     assert not torch.equal(unet_weights(os.path.join(out, "final"))["conv_in.weight"],
@@ -472,7 +474,7 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
 def test_exit_distributed_ends_a_gloo_run_cleanly_even_when_its_threads_wait_long_for_the_gil(tmp_path):
     # train.py's last steps under torchrun, with a 1 s GIL switch interval: gloo's worker threads then wait
     # long for the GIL. Ending with destroy_process_group() and main()'s return instead, this script hung
-    # in 4 of 20 runs (README "Scaling out"), so five clean runs catch a regression about 2 times in 3.
+    # in 4 of 20 runs (docs/engineering-notes.md), so five clean runs catch a regression about 2 times in 3.
     script = tmp_path / "ending.py"
     script.write_text(
         "import sys; sys.setswitchinterval(1.0)\n"
