@@ -222,6 +222,9 @@ class CurvesArgs:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command, folders = (argv[0], []) if argv else ("", [])
+    if command in ("-h", "--help"):
+        print(__doc__)
+        return
     if command not in ("images", "curves"):
         raise SystemExit(
             "usage: python tools/figures.py {images EVAL | curves [NAME=]RUN ...} [flags]; see --help"
