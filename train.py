@@ -430,9 +430,8 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
     per_step = []
     for j in ddim_steps:
         run.optimizer.zero_grad(set_to_none=True)
-        stats = dict.fromkeys(
-            ["loss", "approx_kl", "clipfrac", "ratio_error"], torch.zeros((), device=run.device)
-        )
+        zero = torch.zeros((), device=run.device)
+        stats = {"loss": zero, "approx_kl": zero, "clipfrac": zero, "ratio_error": zero}  # summed over chunks
         for m in range(0, args.batch_size, micro):
             rows = slice(m, m + micro)
             sync = m + micro >= args.batch_size or not run.ddp  # DDP averages gradients at the last chunk
@@ -456,9 +455,7 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
             stats["ratio_error"] = torch.maximum(stats["ratio_error"], off.max())
         grad_norm, skipped = optimizer_step(run, f"iteration {iteration} {task.name}")
         stats["skipped"] = torch.tensor(float(skipped), device=run.device)
-        stats["grad_norm"] = (
-            grad_norm.detach().float().nan_to_num(0.0, 0.0, 0.0)
-        )  # before clipping, 0 if skipped
+        stats["grad_norm"] = grad_norm.detach().float().nan_to_num(0, 0, 0)  # before clipping; 0: skipped
         per_step.append(torch.stack([stats[name] for name in STEP_STATS]))
     averaged = all_mean(torch.stack(per_step)).cpu()  # (K, len(STEP_STATS)), averaged over ranks
     per_step = {name: averaged[:, i] for i, name in enumerate(STEP_STATS)}
