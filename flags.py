@@ -5,11 +5,10 @@
     class Args:
         lr: float = option(2e-6, "AdamW learning rate (paper: 2e-6)")
 
-    parser = build_parser(Args, __doc__)
-    args = Args(**vars(parser.parse_args(argv)))
+    args, parser = parse(Args, __doc__, argv)  # bounds such as option(..., at_least=1) checked here
 
-It sits below every script (train.py, evaluate.py, toyworld.py, tools/bench.py) and imports none of them, so
-that no script imports another only for its flags.
+It sits below every script (train.py, evaluate.py, toyworld.py, tools/bench.py, tools/figures.py) and imports
+none of them, so that no script imports another only for its flags.
 """
 
 import argparse

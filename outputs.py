@@ -2,9 +2,11 @@
 
     OUT/checkpoint-<iteration>/ and OUT/final/
         unet/            the trained UNet, a diffusers folder (full fine-tune), or
-        lora/            the LoRA adapter (--lora-rank), as peft saves it
+        lora/            the LoRA adapter (--lora-rank) in diffusers' layout: pipe.load_lora_weights loads it
         train_state.pt   optimizer and grad-scaler state, the iteration, each rank's weight checksums
+                         (checkpoints only: final/ holds the weights and args.json)
         args.json        the run's arguments and world_size, read back by check_resumable
+    OUT/train.lock       the pid and host of the run that writes to OUT (lock, unlock)
     OUT/metrics.jsonl    one line per iteration and task (train.metrics_row), mirrored to TensorBoard or W&B
     OUT/samples-<iteration>-<task>.png   rank 0's first 16 samples with their prompts, every --sample-every
 
