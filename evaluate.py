@@ -46,6 +46,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import textwrap
 from dataclasses import asdict, dataclass
 
@@ -86,7 +87,11 @@ AB_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 
 @dataclass
 class Args:
-    model: str = option("tiny", 'base model: "tiny", "toy", a diffusers folder or a hub id')
+    model: str = option(
+        "stabilityai/stable-diffusion-2-base",
+        'base model: a hub id or a diffusers folder (the paper\'s: SD2 base), "toy" (the toy world, '
+        'offline) or "tiny" (random weights)',
+    )
     checkpoint: list[str] = option(
         None,
         "a train.py checkpoint folder, or LABEL=FOLDER (repeatable); labelled by its folder name",
@@ -107,7 +112,8 @@ class Args:
     pref_rewards: str | None = option(
         None,
         "comma list of rewards scoring the pref images, the first one judges the win rate "
-        '(default "pref,aesthetic"; "pref" with --model toy; the paper\'s is "imagereward,aesthetic")',
+        '(default "pref,aesthetic": ImageReward and the aesthetic score, the paper\'s Table 1; "pref" with '
+        '--model toy); add "pickscore" for PickScore as a further judge',
     )
     num_steps: int = option(50, "DDIM steps")
     guidance: float = option(7.0, "classifier-free guidance scale")
@@ -124,7 +130,9 @@ class Args:
     batch_size: int = option(8, "images per generation and reward batch", at_least=1)
     seed: int = option(0, "image k of a prompt set has seed SEED + k; also orders prompts and the A/B page")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    mixed_precision: str = option("no", "pipeline dtype", choices=list(sampler.DTYPES))
+    mixed_precision: str = option(
+        "auto", "pipeline dtype (auto: bf16 on CUDA, else fp32)", choices=sampler.PRECISIONS
+    )
     joint: str | None = option(
         None,
         "Table 5: label of the jointly trained checkpoint, or comma-separated labels of several seeds' runs",
@@ -150,6 +158,9 @@ def parse_args(argv=None) -> Args:
     unknown = [s for s in suite_names(args) if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; pick from {', '.join(SUITES)}")
+    if args.mixed_precision == "auto":  # resolved here, so that the image cache keys name the dtype used
+        dtype = sampler.precision_dtype("auto", args.device)
+        args.mixed_precision = next(name for name, d in sampler.DTYPES.items() if d == dtype)
     if args.pref_rewards is None:
         args.pref_rewards = "pref" if toyworld.is_toy_model(args.model) else "pref,aesthetic"
     if not scorers_of(args, "pref"):
@@ -574,9 +585,11 @@ def evaluate(args: Args) -> dict:
             )
     joint, specialists = table5_roles(args, checkpoints)
     prompt_sets = build_prompt_sets(args)
-    # built before generation (their models load on first use), so a scorer that cannot work stops us here
+    # built and loaded before generation, so that a scorer that cannot work (or be fetched) stops us here
     names = dict.fromkeys(name for ps in prompt_sets for name in scorers_of(args, ps.suite))
     scorers = {name: toyworld.load_task(name, args.model, args.device) for name in names}
+    for task in scorers.values():
+        task.load()
 
     #### GENERATION ####
     models = {"base": None, **checkpoints}
@@ -855,6 +868,10 @@ def main(argv=None) -> None:
     if args.tally:
         print(tally_markdown(tally(args.tally, args.resamples, args.seed)))
         return
+    try:  # offline with no cached copy of --model: one line, in seconds
+        sampler.check_model(args.model)
+    except OSError as error:
+        sys.exit(f"evaluate.py: error: {' '.join(str(error).split())}")
     os.makedirs(args.out, exist_ok=True)
     results = evaluate(args)
     with open(os.path.join(args.out, "results.json"), "w") as f:

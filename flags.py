@@ -23,7 +23,8 @@ BOUNDS = {"at_least": (">=", lambda value, bound: value >= bound),
 def option(default, help: str, **kwargs):
     """A config field: its default, the --help text (with the paper's value where it has one), bounds that
     parse() enforces (at_least=1, above=0, at_most=1) and any further argparse keywords (action="append",
-    nargs="+", choices=[...])."""
+    nargs="+", choices=[...]). A `bool` field is a --flag; a `bool | None` one (default None) is --flag and
+    --no-flag."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -45,6 +46,9 @@ def build_parser(config, description: str) -> argparse.ArgumentParser:
         help_text = kwargs.pop("help")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        if f.type == bool | None:  # --flag / --no-flag, None when neither is given (the script decides)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         if kwargs.get("action") != "append" and f.default is not None:
             help_text += " [%(default)s]"

@@ -11,8 +11,9 @@ holds "group": the id of the images generated for the same prompt (minibatch rew
 skin-tone parity are computed per group).
 
 Tasks (docs/rewards.md lists models, licenses and costs):
-    pref         PickScore (CLIP ViT-H/14) on DiffusionDB prompts      splits train, test
-    imagereward  ImageReward, the paper's choice (optional package)    splits train, test
+    pref         ImageReward (BLIP + MLP), the paper's, on DiffusionDB  splits train, test
+    imagereward  the same task as pref, by its reward's name            splits train, test
+    pickscore    PickScore (CLIP ViT-H/14) on DiffusionDB prompts       splits train, test
     skin         -SP of 4 zero-shot CLIP skin-tone buckets per group   splits train, occupations
     comp         OWLv2 detection score of the prompt's two objects     splits train, seen, unseen
     aesthetic    LAION aesthetic predictor (CLIP ViT-L/14 + MLP head)  splits train, test
@@ -29,6 +30,8 @@ import colorsys
 import functools
 import importlib.util
 import io
+import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +48,8 @@ MAX_TEST_PROMPTS = 2000  # paper: 2,000 DiffusionDB prompts held out for test
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-IMAGEREWARD_MODEL = "ImageReward-v1.0"
+IMAGEREWARD_REPO = "THUDM/ImageReward"  # ImageReward.pt and med_config.json
+IMAGEREWARD_TOKENIZER = "bert-base-uncased"  # BLIP's tokenizer, plus two special tokens
 CLIP_MODEL = "openai/clip-vit-large-patch14"  # skin-tone classifier and aesthetic backbone
 AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")  # LAION MLP weights
 OWL_MODEL = "google/owlv2-base-patch16-ensemble"
@@ -59,6 +63,11 @@ class Task:
     splits: tuple[str, ...]  # the first split is the training split
     reward: RewardFn
     minibatch: bool = False  # the reward is defined on a group of images of one prompt (skin, color)
+
+    def load(self):
+        """Build the reward model now rather than at the first reward call: train.py does it at set-up, so
+        that weights that cannot be fetched stop a run in seconds, not after its first sampling pass."""
+        getattr(self.reward, "load", lambda: None)()  # a weight-free reward has nothing to load
 
 
 #### Minibatch reward: statistical parity (paper section 4, "skin") ####
@@ -109,6 +118,21 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def mlp_head(embed_dim: int = 768) -> torch.nn.Sequential:
+    """The LAION improved-aesthetic-predictor MLP, which ImageReward's head copies; trained without
+    activations, it is affine."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(embed_dim, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
+
+
 #### Weight-free rewards (CPU runs and tests) ####
 
 
@@ -145,7 +169,147 @@ def color_reward(images, prompts, metadata):
     return parity_reward(color_buckets(images), metadata, len(COLOR_BUCKETS))
 
 
-#### pref: PickScore and ImageReward ####
+#### pref: ImageReward (the paper's) and PickScore ####
+
+
+# ImageReward (Xu et al. 2023), ported onto transformers' BLIP modules: the `image-reward` package (1.5, its
+# last release) imports helpers that transformers 5 removed. The port loads the official ImageReward.pt by an
+# explicit key map; tests/test_rewards.py checks it against image-reward 1.5's own code on a fixture that
+# tools/imagereward_fixture.py writes.
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # the score's normalisation
+IMAGEREWARD_TOKENS = 35  # prompts padded / truncated to 35 tokens
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# BLIP's ViT-L/16 at 224 px (ImageReward's visual encoder; its LayerNorms use eps 1e-6)
+VIT_LARGE = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+             "num_attention_heads": 16, "image_size": 224, "patch_size": 16}  # fmt: skip
+TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act",
+                    "num_attention_heads", "max_position_embeddings", "layer_norm_eps")  # fmt: skip
+UNUSED_IMAGEREWARD_KEYS = ("blip.vision_proj.", "blip.text_proj.")  # BLIP's contrastive heads, not scored
+
+
+def imagereward_model(med_config: dict, vision: dict = VIT_LARGE) -> torch.nn.ModuleDict:
+    """ImageReward's architecture: a BLIP ViT (`vision`), BLIP's BERT whose layers cross-attend to the image
+    (med_config.json of the THUDM/ImageReward repo), and the MLP head on the text [CLS] state."""
+    from transformers import BlipTextConfig, BlipVisionConfig, BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    vision_config = BlipVisionConfig(**vision, hidden_act="gelu", layer_norm_eps=1e-6)
+    text_config = BlipTextConfig(
+        **{key: med_config[key] for key in TEXT_CONFIG_KEYS},
+        encoder_hidden_size=vision["hidden_size"],  # the cross-attention's keys and values come from the ViT
+        pad_token_id=med_config.get("pad_token_id", 0),
+    )
+    return torch.nn.ModuleDict(
+        {
+            "vision": BlipVisionModel(vision_config),
+            "text": BlipTextModel(text_config, add_pooling_layer=False),
+            "head": mlp_head(med_config["hidden_size"]),
+        }
+    )
+
+
+# BLIP's ViT (timm's names) -> transformers' BlipVisionModel; the 24 blocks map by BLOCK_NAMES
+VIT_NAMES = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+             "patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}  # fmt: skip
+BLOCK_NAMES = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
+               "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
+
+
+def imagereward_key(key: str) -> str | None:
+    """The port's name of an ImageReward.pt key (unchanged for an unknown one); None for a key the score does
+    not use."""
+    if key.startswith(UNUSED_IMAGEREWARD_KEYS) or key == "blip.text_encoder.embeddings.position_ids":
+        return None  # position_ids: the buffer 0..511, which BlipTextModel builds itself
+    if key.startswith("blip.text_encoder."):  # BLIP's BERT and transformers' BlipTextModel share their names
+        return "text." + key.removeprefix("blip.text_encoder.")
+    if key.startswith("mlp.layers."):
+        return "head." + key.removeprefix("mlp.layers.")
+    if not key.startswith("blip.visual_encoder."):
+        return key
+    name, _, kind = key.removeprefix("blip.visual_encoder.").rpartition(".")
+    if kind not in ("weight", "bias"):  # the two bare parameters, cls_token and pos_embed
+        name, kind = f"{name}.{kind}".strip("."), ""
+    block = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if block:
+        name = f"encoder.layers.{block[1]}.{BLOCK_NAMES.get(block[2], block[2])}"
+    return "vision." + VIT_NAMES.get(name, name) + (f".{kind}" if kind else "")
+
+
+def load_imagereward_state(model: torch.nn.ModuleDict, state: dict) -> None:
+    """Load an ImageReward.pt state dict: every key must map to a parameter, and every parameter be loaded."""
+    mapped = {imagereward_key(key): value for key, value in state.items()}
+    mapped.pop(None, None)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"not an ImageReward state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    ids = state.get("blip.text_encoder.embeddings.position_ids")
+    if ids is not None and not torch.equal(ids.flatten(), torch.arange(ids.numel())):
+        raise ValueError("ImageReward.pt's position_ids are not 0..n-1; the port assumes plain positions")
+
+
+def imagereward_tokenizer(tokenizer):
+    """BLIP's tokenizer: bert-base-uncased plus [DEC] (bos) and [ENC], so that the vocabulary is 30524."""
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def imagereward_pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """ImageReward's preprocessing of (B, 3, H, W) in [0, 1]: 8-bit image, PIL bicubic resize of the short
+    side to 224 and centre crop (torchvision's Resize + CenterCrop on a PIL image), CLIP normalisation."""
+    from PIL import Image
+
+    pixels = []
+    for array in to_uint8_arrays(images):
+        h, w = array.shape[:2]
+        short, long = min(h, w), max(h, w)
+        long = int(size * long / short)
+        image = Image.fromarray(array).resize((size, long) if w < h else (long, size), Image.BICUBIC)
+        top, left = int(round((image.height - size) / 2.0)), int(round((image.width - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+        pixels.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+    pixels = torch.stack(pixels)  # (B, 3, 224, 224)
+    return (pixels - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def imagereward_reward(model, tokenizer, device, dtype=torch.float32, batch_size: int = 16) -> RewardFn:
+    """ImageReward: head(text [CLS] state attending to the ViT's image tokens), normalised by the mean and
+    std of its training scores. The head runs in fp32 (as the original's `.float()` features)."""
+    model.to(device, dtype).eval()
+    model["head"].float()
+
+    @torch.no_grad()
+    def reward(images, prompts, metadata):
+        scores = []
+        for part in chunks(len(images), batch_size):
+            pixels = imagereward_pixels(images[part]).to(device, dtype)
+            tokens = tokenizer(prompts[part], padding="max_length", truncation=True,
+                               max_length=IMAGEREWARD_TOKENS, return_tensors="pt").to(device)  # fmt: skip
+            image_tokens = model["vision"](pixel_values=pixels).last_hidden_state  # (b, 1 + patches, D_vit)
+            text = model["text"](
+                input_ids=tokens.input_ids,
+                attention_mask=tokens.attention_mask,
+                encoder_hidden_states=image_tokens,
+                encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=device),
+            ).last_hidden_state  # (b, 35, D_text)
+            r = model["head"](text[:, 0].float()).squeeze(1)  # the [CLS] state -> (b,)
+            scores.append(((r - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).cpu())
+        return torch.cat(scores), {}
+
+    return reward
+
+
+def load_imagereward(device) -> RewardFn:
+    """The official weights and config (THUDM/ImageReward) and bert-base-uncased's tokenizer, from the hub."""
+    from huggingface_hub import hf_hub_download
+    from transformers import BertTokenizer
+
+    med_config = json.loads(Path(hf_hub_download(IMAGEREWARD_REPO, "med_config.json")).read_text())
+    weights = hf_hub_download(IMAGEREWARD_REPO, "ImageReward.pt")
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only, no pickled code
+    model = imagereward_model(med_config, VIT_LARGE)
+    load_imagereward_state(model, state)
+    tokenizer = imagereward_tokenizer(BertTokenizer.from_pretrained(IMAGEREWARD_TOKENIZER))
+    return imagereward_reward(model, tokenizer, device)
 
 
 def pickscore_reward(model, processor, device, batch_size: int = 16) -> RewardFn:
@@ -170,46 +334,6 @@ def load_pickscore(device) -> RewardFn:
 
     model = CLIPModel.from_pretrained(PICKSCORE_MODEL)
     return pickscore_reward(model, CLIPProcessor.from_pretrained(PICKSCORE_PROCESSOR), device)
-
-
-def imagereward_reward(model, device) -> RewardFn:
-    """ImageReward (BLIP + MLP) through the `image-reward` package's `model.score(prompt, image)`."""
-    from PIL import Image
-
-    model.to(device).eval()
-
-    @torch.no_grad()
-    def reward(images, prompts, metadata):
-        arrays = to_uint8_arrays(images)
-        scores = [model.score(prompt, Image.fromarray(a)) for prompt, a in zip(prompts, arrays, strict=True)]
-        return torch.tensor(scores, dtype=torch.float32), {}
-
-    return reward
-
-
-def require_imagereward():
-    """Fails when the task is built, not after the first sampling pass: the package must import."""
-    if importlib.util.find_spec("ImageReward") is None:
-        raise ImportError(
-            "the imagereward reward needs the optional package image-reward: `pip install image-reward` "
-            "(it pins timm==0.6.13 and fairscale, so a separate venv is safest), "
-            "or use the pref reward (PickScore)"
-        )
-    try:
-        import ImageReward  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            f"the imagereward reward's package image-reward is installed but does not import ({error}); "
-            "image-reward 1.5, the latest, imports helpers that transformers 5 removed, and this project "
-            "needs transformers >= 5: use the pref reward (PickScore) instead (README, 'Rewards')"
-        ) from error
-
-
-def load_imagereward(device) -> RewardFn:
-    require_imagereward()
-    import ImageReward
-
-    return imagereward_reward(ImageReward.load(IMAGEREWARD_MODEL, device=device), device)
 
 
 #### skin: zero-shot CLIP skin-tone buckets ####
@@ -310,24 +434,10 @@ def load_comp(device) -> RewardFn:
 #### aesthetic: LAION aesthetic predictor ####
 
 
-def aesthetic_head(embed_dim: int = 768) -> torch.nn.Sequential:
-    """The LAION improved-aesthetic-predictor MLP; it was trained without activations, so it is affine."""
-    return torch.nn.Sequential(
-        torch.nn.Linear(embed_dim, 1024),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(1024, 128),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64),
-        torch.nn.Dropout(0.1),
-        torch.nn.Linear(64, 16),
-        torch.nn.Linear(16, 1),
-    )
-
-
 def load_aesthetic_head(path, embed_dim: int = 768) -> torch.nn.Sequential:
     """Read the head's state dict (keys "layers.<i>.*") safely: tensors only, no pickled code."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    head = aesthetic_head(embed_dim)
+    head = mlp_head(embed_dim)
     head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
     return head
 
@@ -358,7 +468,7 @@ def load_aesthetic(device) -> RewardFn:
 
 
 def lazy(build: Callable[[], RewardFn]) -> RewardFn:
-    """A reward that builds its model on the first call and reuses it after."""
+    """A reward that builds its model on the first call (or at `reward.load()`) and reuses it after."""
 
     @functools.cache
     def built():
@@ -375,6 +485,7 @@ def lazy(build: Callable[[], RewardFn]) -> RewardFn:
     def reward(images, prompts, metadata):
         return built()(images, prompts, metadata)
 
+    reward.load = built
     return reward
 
 
@@ -448,7 +559,13 @@ def load_diffusiondb_prompts() -> list[str]:
     import pyarrow.parquet as pq
     from huggingface_hub import hf_hub_download
 
-    path = hf_hub_download(DIFFUSIONDB[0], DIFFUSIONDB[1], repo_type="dataset")
+    try:
+        path = hf_hub_download(DIFFUSIONDB[0], DIFFUSIONDB[1], repo_type="dataset")
+    except OSError as error:  # offline with no cached copy
+        raise OSError(
+            f"could not fetch the DiffusionDB prompts ({error}); pass --prompt-file FILE (a prompt a line), "
+            "give this machine network access once, or use the toy world (--model toy)"
+        ) from error
     return pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
 
 
@@ -600,7 +717,7 @@ def no_prompt_file(task: str, prompt_file: str | None):
         raise ValueError(f"task {task} builds its own prompts; --prompt-file works with {TAKES_PROMPT_FILE}")
 
 
-TAKES_PROMPT_FILE = "pref, imagereward, aesthetic, jpeg, brightness and color"
+TAKES_PROMPT_FILE = "pref, imagereward, pickscore, aesthetic, jpeg, brightness and color"
 
 
 def weight_free_task(name: str, reward: RewardFn, minibatch: bool = False) -> Callable[..., Task]:
@@ -616,11 +733,6 @@ def preference_task(name: str, load: Callable[[str], RewardFn]) -> Callable[...,
         return Task(name, *prompt_list_source(name, source), lazy(lambda: load(device)))
 
     return build
-
-
-def imagereward_task(device="cpu", prompt_file=None) -> Task:
-    require_imagereward()
-    return preference_task("imagereward", load_imagereward)(device, prompt_file)
 
 
 def aesthetic_task(device="cpu", prompt_file=None) -> Task:
@@ -651,8 +763,9 @@ def comp_task(device="cpu", prompt_file=None) -> Task:
 
 
 TASKS: dict[str, Callable[..., Task]] = {
-    "pref": preference_task("pref", load_pickscore),
-    "imagereward": imagereward_task,
+    "pref": preference_task("pref", load_imagereward),  # the paper's preference reward
+    "imagereward": preference_task("imagereward", load_imagereward),  # the same reward by its own name
+    "pickscore": preference_task("pickscore", load_pickscore),
     "skin": skin_task,
     "comp": comp_task,
     "aesthetic": aesthetic_task,

@@ -29,7 +29,16 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-model")
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ["auto", *DTYPES]  # --mixed-precision of train.py, evaluate.py and tools/bench.py
+
+
+def precision_dtype(mixed_precision: str, device) -> torch.dtype:
+    """--mixed-precision as a dtype; auto: bf16 on a CUDA device that supports it (the paper's), else fp32."""
+    if mixed_precision != "auto":
+        return DTYPES[mixed_precision]
+    cuda = torch.device(device).type == "cuda"
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
 #### The DDIM step with its log-prob ####
@@ -194,6 +203,25 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Sta
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def check_model(model: str) -> None:
+    """Refuse in seconds a --model that cannot load: not 'toy' or 'tiny', not a local folder, not in this
+    machine's hub cache, and the hub cannot be reached or has no such repository."""
+    if model in ("toy", "tiny") or os.path.isdir(model):
+        return
+    import huggingface_hub
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(model, "model_index.json"), str):
+            return  # cached: from_pretrained loads it without network
+        huggingface_hub.model_info(model, timeout=10)
+    except Exception as error:  # offline, no network, no such repository, not a repository id
+        raise OSError(
+            f"could not load --model {model}: it is not a local folder, not in this machine's hub cache, and "
+            f"the Hugging Face hub says: {str(error).rstrip('.')}. `--model toy` runs offline (the toy "
+            "world, on a CPU); for SD2, give this machine network access once, or HF_HOME with a cache of it"
+        ) from error
 
 
 def load_pipeline(

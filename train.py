@@ -2,8 +2,7 @@
 several rewards jointly, with an optional pretraining loss, from one CPU process to many GPUs.
 
     python train.py --model tiny --rewards brightness --iterations 4 --out runs/tiny  # smoke run, no download
-    torchrun --standalone --nproc_per_node=8 train.py --model stabilityai/stable-diffusion-2-base \\
-        --rewards pref,skin,comp --group-size 16 --mixed-precision bf16 --gradient-checkpointing
+    torchrun --standalone --nproc_per_node=8 train.py --rewards pref,skin,comp  # the paper: SD2 base, bf16
 
 main() at the bottom is the paper's loop. Each iteration visits every task in turn:
     1. sample_batch        this rank's prompts -> DDIM trajectories with per-step log-probs (no grad)
@@ -42,8 +41,8 @@ from flags import option, parse
 # fmt: off
 @dataclass
 class Args:
-    model: str = option("toy", "'toy' (ships with the repo), 'tiny' (random), a hub id or a diffusers folder "
-                               "(paper: SD2 base)")
+    model: str = option("stabilityai/stable-diffusion-2-base", "a hub id or a diffusers folder (the paper's: "
+                        "SD2 base), 'toy' (the toy world, ships with the repo, offline) or 'tiny' (random)")
     rewards: str = option("pref,skin,comp", "comma list of tasks trained jointly")
     prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
     iterations: int = option(1000, "RL iterations (paper: about 1000)", at_least=1)
@@ -78,8 +77,10 @@ class Args:
                                          at_least=0, at_most=1)
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
                                "(0: full fine-tune, as the paper; needs peft)", at_least=0)
-    mixed_precision: str = option("no", "autocast dtype (paper: bf16)", choices=list(sampler.DTYPES))
-    gradient_checkpointing: bool = option(False, "recompute activations in backward")
+    mixed_precision: str = option("auto", "autocast dtype; auto: bf16 on CUDA (the paper's), else fp32 (no)",
+                                  choices=sampler.PRECISIONS)
+    gradient_checkpointing: bool | None = option(None, "recompute activations in backward (default: on with "
+                                                       "CUDA, as the paper; off on CPU)")
     compile: bool = option(False, "torch.compile the UNet (minutes of compilation first; "
                                   "tools/bench.py: 0.77x forward on CPU)")
     seed: int = option(0, "seed of prompts, noise and trained timesteps", at_least=0)
@@ -248,7 +249,7 @@ def load_model(args: Args, device, dtype: torch.dtype):
         unet.add_adapter(lora_config)  # only the adapters require grad
     else:
         unet.requires_grad_(True)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or (args.gradient_checkpointing is None and device.type == "cuda"):
         unet.enable_gradient_checkpointing()
     if args.compile:
         unet.compile()  # in place: the module, its parameter names and checkpoints stay as they are
@@ -297,17 +298,19 @@ def resume(run: Run) -> int:
 
 def setup(args: Args) -> Run:
     """Processes, tasks, model, optimizer, resume and logging, in this order (the order fixes the RNG)."""
+    sampler.check_model(args.model)  # offline with no cached copy: one line, in seconds
     device, rank, world_size, ddp = init_processes(args.dist_timeout)
     claim_out(args, rank, device)
     torch.manual_seed(args.seed)  # identical LoRA init on every rank (DDP also broadcasts rank 0's weights)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = sampler.DTYPES[args.mixed_precision]
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = sampler.precision_dtype(args.mixed_precision, device)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     tasks, prompt_lists = load_tasks(args, device, world_size)
     pipe, lora_config, trainable = load_model(args, device, dtype)
+    for task in tasks:  # the reward models load now: weights that cannot be fetched stop the run in seconds
+        task.load()
     # fused: one kernel for all parameters, not a loop of small ops (a 4x faster step on CPU, tools/bench.py)
     optimizer = torch.optim.AdamW(
         trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True
@@ -690,8 +693,8 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         run = setup(args)
-    except (ValueError, OSError) as error:  # a mistake in the command or in the files it names
+    except (ValueError, OSError, ImportError) as error:  # the command, the files it names, a missing package
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"train.py: error: {error}", file=sys.stderr)  # one line, no traceback
+            print("train.py: error:", " ".join(str(error).split()), file=sys.stderr)  # one line, no traceback
         sys.exit(2)
     main(args, run)

@@ -4,7 +4,6 @@ rewards whose results.json is recomputed from its images, and the A/B page click
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -165,13 +164,17 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, mon
         ["--model", "toy", "--suites", "brightness", "--prompt-file", str(tmp_path / "prompts.txt")]
     )
     assert {p for ps in evaluate.build_prompt_sets(args) for p in ps.prompts} <= set(lines)
-    # a scorer that cannot work (image-reward that does not import) stops the run before any generation
-    monkeypatch.setattr(rewards.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    # a scorer that cannot be fetched (offline, no cached copy) stops the run before any generation
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.setattr(evaluate, "generate_images", lambda *a: pytest.fail("generated before the check"))
-    args = evaluate.parse_args(["--suites", "pref", "--pref-rewards", "imagereward", "--prompt-file",
-                                str(tmp_path / "prompts.txt")])  # fmt: skip
-    with pytest.raises(ImportError, match="installed but does not import"):
+    args = evaluate.parse_args(["--model", "tiny", "--suites", "pref", "--pref-rewards", "imagereward",
+                                "--prompt-file", str(tmp_path / "prompts.txt")])  # fmt: skip
+    with pytest.raises(OSError, match="reward model.*--model toy"):
         evaluate.evaluate(args)
 
 

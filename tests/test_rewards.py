@@ -2,9 +2,11 @@
 from configs (the same scoring code as the real weights), and deterministic, leak-free prompt splits."""
 
 import itertools
+import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,7 +274,7 @@ def test_comp_all_detected_is_the_share_of_images_with_every_object_found(monkey
 def test_aesthetic_head_loads_safely_and_scores(tiny_clip, tmp_path):
     model, processor = tiny_clip
     torch.manual_seed(1)
-    trained = rewards.aesthetic_head(embed_dim=8)
+    trained = rewards.mlp_head(embed_dim=8)
     torch.save({f"layers.{k}": v for k, v in trained.state_dict().items()}, tmp_path / "head.pth")
     head = rewards.load_aesthetic_head(tmp_path / "head.pth", embed_dim=8)
     images = random_images(3)
@@ -289,30 +291,121 @@ def test_aesthetic_head_loads_safely_and_scores(tiny_clip, tmp_path):
         rewards.load_aesthetic_head(tmp_path / "unsafe.pth", embed_dim=8)
 
 
-def test_imagereward_adapter_scores_each_image_with_its_prompt():
-    class PromptLength(torch.nn.Module):  # stands in for ImageReward's model.score(prompt, PIL image)
-        def score(self, prompt, image):
-            return len(prompt) + image.getpixel((0, 0))[0] / 255
+IMAGEREWARD_FIXTURE = Path(__file__).parent / "data" / "imagereward"  # tools/imagereward_fixture.py writes it
 
-    r, _ = rewards.imagereward_reward(PromptLength(), "cpu")(
-        torch.ones(2, 3, 4, 4), ["ab", "abcd"], groups(0, 1)
+
+def fixture_imagereward():
+    """(model, tokenizer, fixture): the reduced ImageReward of the fixture, loaded through the port's key map,
+    and the inputs and scores that image-reward 1.5's own code gave."""
+    from transformers import BertTokenizer
+
+    fixture = torch.load(IMAGEREWARD_FIXTURE / "fixture.pt", weights_only=True)
+    med_config = json.loads((IMAGEREWARD_FIXTURE / "med_config.json").read_text())
+    model = rewards.imagereward_model(med_config, fixture["vision"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in fixture["state_dict"].items()}
+    rewards.load_imagereward_state(model, state)
+    tokenizer = rewards.imagereward_tokenizer(BertTokenizer(str(IMAGEREWARD_FIXTURE / "vocab.txt")))
+    return model, tokenizer, fixture
+
+
+def fixture_images(fixture) -> list[torch.Tensor]:
+    return [image.permute(2, 0, 1)[None].float() / 255 for image in fixture["images"]]  # (1, 3, H, W) each
+
+
+def test_imagereward_port_matches_image_reward_1_5():
+    """The port on transformers' BLIP modules gives image-reward 1.5's `model.score(prompt, image)` on the
+    same weights and inputs (square, portrait and landscape images, smaller and larger than 224 px; a
+    truncated prompt; words outside the vocabulary)."""
+    model, tokenizer, fixture = fixture_imagereward()
+    tokens = tokenizer(fixture["prompts"], padding="max_length", truncation=True, max_length=35)
+    assert torch.equal(torch.tensor(tokens["input_ids"]), fixture["input_ids"])  # BLIP's tokenizer
+    score = rewards.imagereward_reward(model, tokenizer, "cpu")
+    ours = [
+        score(x, [p], groups(0))[0].item()
+        for x, p in zip(fixture_images(fixture), fixture["prompts"], strict=True)
+    ]
+    difference = (torch.tensor(ours, dtype=torch.float64) - fixture["scores"]).abs()
+    assert difference.max() <= 1e-4, difference
+    assert fixture["scores"].std() > 1e-3  # the images and prompts score differently: the check has teeth
+
+
+def test_imagereward_maps_every_key_of_the_original_state_dict():
+    model, _, fixture = fixture_imagereward()
+    ours = set(model.state_dict())
+    mapped = {rewards.imagereward_key(k) for k in fixture["state_dict"]}
+    unused = {k for k in fixture["state_dict"] if rewards.imagereward_key(k) is None}
+    assert ours == mapped - {None}  # none missing, none unexpected
+    assert unused == {
+        k for k in fixture["state_dict"] if k.startswith(("blip.vision_proj.", "blip.text_proj."))
+    } | {"blip.text_encoder.embeddings.position_ids"}
+    broken = dict(fixture["state_dict"])
+    broken["blip.visual_encoder.blocks.0.attn.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="not an ImageReward state dict: missing \\[\\], unexpected"):
+        rewards.load_imagereward_state(model, broken)
+    del broken["blip.visual_encoder.blocks.0.attn.extra.weight"], broken["mlp.layers.0.weight"]
+    with pytest.raises(ValueError, match="missing \\['head.0.weight'\\]"):
+        rewards.load_imagereward_state(model, broken)
+
+
+def test_imagereward_batches_and_chunks_give_the_same_scores_in_any_dtype():
+    model, tokenizer, fixture = fixture_imagereward()
+    images = torch.cat(
+        [fixture_images(fixture)[0]] * 2 + [fixture_images(fixture)[0].flip(3)]
+    )  # (3, 3, 64, 64)
+    prompts = [fixture["prompts"][0], fixture["prompts"][3], fixture["prompts"][0]]
+    score = rewards.imagereward_reward(model, tokenizer, "cpu")
+    one_by_one = torch.cat([score(images[i : i + 1], prompts[i : i + 1], groups(0))[0] for i in range(3)])
+    chunked, _ = rewards.imagereward_reward(model, tokenizer, "cpu", batch_size=2)(
+        images, prompts, groups(0, 1, 2)
     )
-    assert r.dtype == torch.float32 and r.tolist() == pytest.approx([3.0, 5.0])
+    assert chunked.dtype == torch.float32 and chunked.shape == (3,)
+    torch.testing.assert_close(chunked, one_by_one, atol=1e-5, rtol=0)
+    assert (chunked[0] - chunked[1]).abs() > 1e-3  # same image, another prompt: another score
+    bf16, _ = rewards.imagereward_reward(model, tokenizer, "cpu", dtype=torch.bfloat16)(
+        images, prompts, groups(0, 1, 2)
+    )
+    assert (
+        bf16.dtype == torch.float32 and model["head"][0].weight.dtype == torch.float32
+    )  # the head stays fp32
+    torch.testing.assert_close(bf16, one_by_one, atol=0.05, rtol=0)
 
 
-def test_imagereward_without_package_says_how_to_install():
-    if rewards.importlib.util.find_spec("ImageReward") is not None:
-        pytest.skip("image-reward is installed")
-    with pytest.raises(ImportError, match="pip install image-reward"):
-        rewards.get_task("imagereward")
+def test_imagereward_preprocessing_resizes_the_short_side_and_crops_the_centre():
+    """224 px bicubic on the short side, centre crop, CLIP normalisation: a flat image stays flat."""
+    grey = torch.full((1, 3, 50, 120), 0.5)
+    pixels = rewards.imagereward_pixels(grey)
+    assert pixels.shape == (1, 3, 224, 224)
+    expected = (round(0.5 * 255) / 255 - torch.tensor(rewards.CLIP_MEAN)) / torch.tensor(rewards.CLIP_STD)
+    torch.testing.assert_close(pixels[0, :, 100, 100], expected)
+    left_half = torch.cat(
+        [torch.zeros(1, 3, 100, 100), torch.ones(1, 3, 100, 100)], dim=3
+    )  # (1, 3, 100, 200)
+    crop = rewards.imagereward_pixels(left_half)[0, 0]  # the centre 224 of 448 columns: half dark, half light
+    assert crop[:, :100].max() < 0 < crop[:, 124:].min()
 
 
-def test_imagereward_that_does_not_import_fails_when_the_task_is_built(monkeypatch):
-    # image-reward 1.5 under transformers 5: found, but its import raises (here: forced by sys.modules)
-    monkeypatch.setattr(rewards.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setitem(sys.modules, "ImageReward", None)
-    with pytest.raises(ImportError, match="installed but does not import .*use the pref reward"):
-        rewards.get_task("imagereward")
+def test_pref_is_imagereward_and_pickscore_has_its_own_name(monkeypatch):
+    """pref and imagereward fetch ImageReward (the paper's), pickscore PickScore; only at task.load()."""
+    import huggingface_hub
+    from transformers import CLIPModel
+
+    fetched = []
+
+    def offline(repo, *args, **kwargs):
+        fetched.append(repo)
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(CLIPModel, "from_pretrained", offline)
+    prompts = str(rewards.PROMPT_DIR / "animals.txt")
+    for name, repo in [("pref", rewards.IMAGEREWARD_REPO), ("imagereward", rewards.IMAGEREWARD_REPO),
+                       ("pickscore", rewards.PICKSCORE_MODEL)]:  # fmt: skip
+        task = rewards.get_task(name, prompt_file=prompts)
+        assert fetched == []  # building a task loads no model
+        with pytest.raises(OSError, match="--model toy"):
+            task.load()
+        assert fetched == [repo], name
+        fetched.clear()
 
 
 def test_models_load_lazily_once():
@@ -437,11 +530,21 @@ def test_comp_prompts_are_lazy_deterministic_and_never_leak():
 
 
 def test_registry_names_and_unknown_name():
-    expected = {"pref", "imagereward", "skin", "comp", "aesthetic", "jpeg", "brightness", "color"}
+    expected = {
+        "pref",
+        "imagereward",
+        "pickscore",
+        "skin",
+        "comp",
+        "aesthetic",
+        "jpeg",
+        "brightness",
+        "color",
+    }
     assert set(rewards.TASKS) == expected
     with pytest.raises(ValueError, match="known rewards: aesthetic, brightness, color, comp"):
         rewards.get_task("nope")
-    assert [name for name in sorted(expected - {"imagereward"}) if rewards.get_task(name).minibatch] == [
+    assert [name for name in sorted(expected) if rewards.get_task(name).minibatch] == [
         "color",
         "skin",
     ]

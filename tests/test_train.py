@@ -65,6 +65,100 @@ def test_help_documents_every_flag_with_paper_defaults():
         assert paper in text
 
 
+def test_the_paper_is_the_default_and_auto_precision_and_checkpointing_follow_the_device(monkeypatch):
+    import sampler
+
+    args = train.parse_args([])
+    assert (args.model, args.mixed_precision, args.gradient_checkpointing) == (
+        "stabilityai/stable-diffusion-2-base", "auto", None)  # fmt: skip
+    assert sampler.precision_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert sampler.precision_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert sampler.precision_dtype("auto", "cuda") == torch.float32  # V100: fp32, not fp16 without asking
+    assert sampler.precision_dtype("fp16", "cpu") == torch.float16
+    for flags, on_cpu in [
+        ([], False),
+        (["--gradient-checkpointing"], True),
+        (["--no-gradient-checkpointing"], False),
+    ]:
+        pipe, _, _ = train.load_model(train.parse_args([*SMALL, *flags]), torch.device("cpu"), torch.float32)
+        assert pipe.unet.is_gradient_checkpointing == on_cpu, flags
+
+
+def test_offline_the_card_command_stops_in_seconds_with_one_line_naming_the_toy_model(tmp_path):
+    """No network, no cached copy: the paper's command (SD2) and evaluate.py say so in one line and write
+    nothing."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
+    commands = [
+        [sys.executable, os.path.join(ROOT, "train.py"), "--rewards", "pref,skin,comp", "--iterations", "1"],
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--suites", "pref"],
+    ]
+    for command in commands:
+        start = time.time()
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        seconds = time.time() - start
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if ".py: error:" in line]
+        assert len(errors) == 1 and "`--model toy` runs offline" in errors[0], result.stderr
+        assert "stabilityai/stable-diffusion-2-base" in errors[0]
+        assert seconds < 60, seconds  # about 10 s here, nearly all of it importing diffusers
+        assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)  # nothing written, no runs/ folder
+
+
+def fixture_imagereward_hub(monkeypatch, tmp_path):
+    """The hub as load_imagereward sees it, serving the reduced ImageReward of tests/data/imagereward (the
+    parity fixture): ImageReward.pt, med_config.json and a BLIP tokenizer, all offline."""
+    import huggingface_hub
+    from transformers import BertTokenizer
+
+    fixture_dir = os.path.join(ROOT, "tests", "data", "imagereward")
+    fixture = torch.load(os.path.join(fixture_dir, "fixture.pt"), weights_only=True)
+    torch.save(fixture["state_dict"], tmp_path / "ImageReward.pt")
+    files = {"ImageReward.pt": str(tmp_path / "ImageReward.pt"),
+             "med_config.json": os.path.join(fixture_dir, "med_config.json")}  # fmt: skip
+    fetched = []
+
+    def download(repo, filename, **kwargs):
+        fetched.append((repo, filename))
+        return files[filename]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    vocab = os.path.join(fixture_dir, "vocab.txt")
+    monkeypatch.setattr(BertTokenizer, "from_pretrained", classmethod(lambda cls, name: cls(vocab)))
+    monkeypatch.setattr(rewards, "VIT_LARGE", fixture["vision"])  # the fixture's ViT is cut down
+    return fetched
+
+
+def test_pref_trains_on_imagereward_end_to_end(tmp_path, monkeypatch):
+    """--rewards pref: load_imagereward fetches the official files (here those of a tiny model of
+    ImageReward's architecture), loads them through the port, and train.py scores, updates and logs."""
+    fetched = fixture_imagereward_hub(monkeypatch, tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a photo of a red cat number {i}\n" for i in range(20)))
+    out = run(tmp_path, "--rewards", "pref", "--prompt-file", str(prompts), "--iterations", "2")
+    assert sorted(fetched) == [(rewards.IMAGEREWARD_REPO, "ImageReward.pt"), (rewards.IMAGEREWARD_REPO,
+                                                                              "med_config.json")]  # fmt: skip
+    rows = metrics(out)
+    assert [(row["iteration"], row["task"]) for row in rows] == [(0, "pref"), (1, "pref")]
+    for row in rows:
+        assert -5 < row["reward_mean"] < 5 and row["reward_std"] > 0 and np.isfinite(row["loss"])
+
+
+def test_a_reward_model_that_cannot_be_fetched_stops_the_run_before_sampling(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(train, "sample_batch", lambda *args: pytest.fail("sampled before the rewards loaded"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    with pytest.raises(OSError, match="reward model.*--model toy"):
+        run(tmp_path, "--rewards", "brightness,pref", "--prompt-file", str(prompts), "--iterations", "1")
+
+
 def test_brightness_reward_rises_well_beyond_its_noise(tmp_path):
     out = run(tmp_path, "--rewards", "brightness", "--iterations", "24", "--batch-size", "16", "--lr", "1e-3")
     means = torch.tensor([row["reward_mean"] for row in metrics(out)])

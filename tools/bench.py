@@ -80,7 +80,9 @@ class BenchArgs:
     train_timesteps: int = option(5, "trained steps K per iteration")
     guidance: float = option(7.0, "classifier-free guidance scale")
     eta: float = option(1.0, "DDIM eta")
-    mixed_precision: str = option("no", "autocast dtype, passed to train.py", choices=list(sampler.DTYPES))
+    mixed_precision: str = option(
+        "auto", "autocast dtype, passed to train.py (auto: bf16 on CUDA, or fp32)", choices=sampler.PRECISIONS
+    )
     gradient_checkpointing: bool = option(False, "in the timed iterations")
     repeats: int = option(5, "interleaved rounds of every comparison")
     iterations: int = option(3, "train.py iterations per round (the first is dropped)", at_least=2)
@@ -151,7 +153,8 @@ def train_argv(args: BenchArgs, out: str, iterations: int, train_timesteps: int 
             "--guidance", str(args.guidance), "--eta", str(args.eta),
             "--mixed-precision", args.mixed_precision,
             "--sample-every", "0", "--save-every", str(iterations), "--out", out]  # fmt: skip
-    return argv + ["--gradient-checkpointing"] if args.gradient_checkpointing else argv
+    flag = "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"
+    return argv + [flag]  # explicit: train.py's default turns checkpointing on with CUDA
 
 
 def run_train(argv: list[str]) -> list[dict]:
@@ -531,9 +534,9 @@ def main(args: BenchArgs) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # The benchmark's own UNet calls in train.py's precision (train.main sets its autocast itself).
-    precision = contextlib.nullcontext()
-    if args.mixed_precision != "no":
-        precision = torch.autocast(device.type, dtype=sampler.DTYPES[args.mixed_precision])
+    precision, dtype = contextlib.nullcontext(), sampler.precision_dtype(args.mixed_precision, device)
+    if dtype != torch.float32:
+        precision = torch.autocast(device.type, dtype=dtype)
     pipe = sampler.load_pipeline(args.model, device=device)
     report = {"args": dataclasses.asdict(args), "device": str(device), "torch": torch.__version__}
     sections = args.sections.split(",")
