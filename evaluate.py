@@ -88,13 +88,14 @@ AB_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 @dataclass
 class Args:
     model: str = option(
-        "stabilityai/stable-diffusion-2-base",
+        sampler.PAPER_MODEL,
         'base model: a hub id or a diffusers folder (the paper\'s: SD2 base), "toy" (the toy world, '
         'offline) or "tiny" (random weights)',
     )
     checkpoint: list[str] = option(
         None,
-        "a train.py checkpoint folder, or LABEL=FOLDER (repeatable); labelled by its folder name",
+        "a train.py checkpoint folder (or its unet_ema/ or lora_ema/: the --ema-decay weights), or "
+        "LABEL=FOLDER (repeatable); labelled by its folder name",
         action="append",
     )
     suites: str = option("pref,skin,comp", "comma list of: " + ", ".join(SUITES))
@@ -868,12 +869,13 @@ def main(argv=None) -> None:
     if args.tally:
         print(tally_markdown(tally(args.tally, args.resamples, args.seed)))
         return
-    try:  # offline with no cached copy of --model: one line, in seconds
+    try:  # offline with no cached copy of --model or of a reward model: one line, before any work
         sampler.check_model(args.model)
-    except OSError as error:
-        sys.exit(f"evaluate.py: error: {' '.join(str(error).split())}")
-    os.makedirs(args.out, exist_ok=True)
-    results = evaluate(args)
+        os.makedirs(args.out, exist_ok=True)
+        results = evaluate(args)
+    except (ValueError, OSError, ImportError) as error:  # the command, the files it names, a missing package
+        print("evaluate.py: error:", " ".join(str(error).split()), file=sys.stderr)
+        sys.exit(2)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     report = markdown_report(results)

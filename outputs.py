@@ -3,11 +3,14 @@
     OUT/checkpoint-<iteration>/ and OUT/final/
         unet/            the trained UNet, a diffusers folder (full fine-tune), or
         lora/            the LoRA adapter (--lora-rank) in diffusers' layout: pipe.load_lora_weights loads it
-        train_state.pt   optimizer and grad-scaler state, the iteration, each rank's weight checksums
+        unet_ema/, lora_ema/   the --ema-decay average of those weights, in the same layout
+        train_state.pt   optimizer and grad-scaler state, the iteration, the optimizer steps taken (for
+                         --lr-warmup), each rank's weight checksums
                          (checkpoints only: final/ holds the weights and args.json)
         args.json        the run's arguments and world_size, read back by check_resumable
     OUT/train.lock       the pid and host of the run that writes to OUT (lock, unlock)
-    OUT/metrics.jsonl    one line per iteration and task (train.metrics_row), mirrored to TensorBoard or W&B
+    OUT/metrics.jsonl    one line per iteration and task (metrics_row), and per task at --eval-every
+                         (eval_reward_mean, ...), mirrored to TensorBoard or W&B
     OUT/samples-<iteration>-<task>.png   rank 0's first 16 samples with their prompts, every --sample-every
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a half-written
@@ -15,10 +18,12 @@ one under its name. train.py's loop is Algorithm 1; this file is the bookkeeping
 """
 
 import atexit
+import contextlib
 import errno
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import textwrap
@@ -36,13 +41,14 @@ BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log
                "keep_checkpoints")  # fmt: skip
 
 
-def write(path: str, unet, lora_config, train_state: dict | None, args: dict):
+def write(path: str, unet, lora_config, train_state: dict | None, args: dict, ema: tuple | None = None):
     """Write a checkpoint folder atomically: path.tmp first, then renamed to path. Without train_state
-    (final/) it holds the weights and args.json only."""
+    (final/) it holds the weights and args.json only. ema: (trained parameters, their --ema-decay average),
+    written as unet_ema/ or lora_ema/ in the layout of unet/ or lora/."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_folder(tmp, unet, lora_config, train_state, args)
+        write_folder(tmp, unet, lora_config, train_state, args, ema)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         full = (
@@ -59,10 +65,10 @@ def write(path: str, unet, lora_config, train_state: dict | None, args: dict):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_folder(tmp: str, unet, lora_config, train_state: dict, args: dict):
-    os.makedirs(tmp)
+def write_weights(folder: str, unet, lora_config, suffix: str = ""):
+    """unet{suffix}/, a diffusers UNet folder, or for LoRA lora{suffix}/ in diffusers' layout."""
     if lora_config is None:
-        unet.save_pretrained(os.path.join(tmp, "unet"))
+        unet.save_pretrained(os.path.join(folder, "unet" + suffix))
     else:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -70,8 +76,18 @@ def write_folder(tmp: str, unet, lora_config, train_state: dict, args: dict):
 
         # diffusers' layout, pytorch_lora_weights.safetensors: stock pipe.load_lora_weights(lora/) loads it
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(os.path.join(tmp, "lora"), unet_lora_layers=layers)
-        lora_config.save_pretrained(os.path.join(tmp, "lora"))  # adapter_config.json: rank, alpha, modules
+        StableDiffusionPipeline.save_lora_weights(
+            os.path.join(folder, "lora" + suffix), unet_lora_layers=layers
+        )
+        lora_config.save_pretrained(os.path.join(folder, "lora" + suffix))  # adapter_config.json
+
+
+def write_folder(tmp: str, unet, lora_config, train_state: dict, args: dict, ema: tuple | None = None):
+    os.makedirs(tmp)
+    write_weights(tmp, unet, lora_config)
+    if ema is not None:  # the same writer, with the EMA in the parameters for the moment
+        with weights_swapped(*ema):
+            write_weights(tmp, unet, lora_config, "_ema")
     if train_state is not None:
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
@@ -339,3 +355,69 @@ def sample_grid(images: torch.Tensor, captions: list[str], cell: int = 128) -> I
         lines = textwrap.wrap(caption, width=max(10, cell // 6))[:2]
         draw.multiline_text((x, y + cell + 2), "\n".join(lines), fill=(40, 40, 40), font=small, spacing=1)
     return grid
+
+
+def metrics_row(
+    task: str, iteration: int, rewards, info: dict, per_step: dict, times: list[float], device
+) -> dict:
+    """One OUT/metrics.jsonl line: rewards (global batch), the update's statistics (the *_per_step lists in
+    training order, trained_steps naming each entry's DDIM step, 0 the noisiest) and where time went."""
+    start, sampled, scored, updated = times
+    row = {"iteration": iteration, "task": task, "reward_mean": rewards.mean().item(),
+           "reward_std": rewards.std(correction=0).item(), "samples": len(rewards)}  # fmt: skip
+    row.update({name: per_step[name].mean().item() for name in ("loss", "approx_kl", "clipfrac")})
+    per_step_names = ["approx_kl", "clipfrac", "grad_norm"] + (["kl_ref"] if "kl_ref" in per_step else [])
+    row.update({f"{name}_per_step": per_step[name].tolist() for name in per_step_names})
+    if "kl_ref" in per_step:  # --kl-coef: KL(pi_theta || pi_ref) per trained step, before each update
+        row["kl_ref"] = per_step["kl_ref"].mean().item()
+    if "precision_noise" in per_step:  # --mixed-precision: rounding's part of |w - 1| (monitor.py)
+        row["precision_noise"] = per_step["precision_noise"]
+    row.update(
+        trained_steps=per_step["ddim_steps"].tolist(),
+        ratio_error_first=per_step["ratio_error"][0].item(),  # |w - 1| before the update: 0 on-policy
+        skipped_steps=int(per_step["skipped"].sum().item()),
+        seconds=updated - start,
+        seconds_sampling=sampled - start,
+        seconds_reward=scored - sampled,
+        seconds_update=updated - scored,
+        peak_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the process's peak RSS
+    )
+    return row | {f"reward_{k}": v for k, v in info.items()}
+
+
+def non_finite_rewards_row(task: str, iteration: int, rewards: torch.Tensor, args, start: float) -> dict:
+    """The metrics line of a task whose gathered rewards are not all finite: its update is skipped."""
+    skipped = args.train_timesteps * args.inner_epochs  # every trained step of the task's update
+    bad = int((~rewards.isfinite()).sum())
+    return {"iteration": iteration, "task": task, "samples": len(rewards), "skipped_steps": skipped,
+            "non_finite_rewards": bad, "seconds": time.time() - start}  # fmt: skip
+
+
+def read_metrics(out: str) -> list[dict]:
+    """The rows of OUT/metrics.jsonl, in order."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def weight_sums(parameters) -> torch.Tensor:
+    """(2,): sum and sum of squares of the trained weights, in float64. Gathered from every rank before a
+    save: DDP keeps replicas identical, so a difference means the ranks diverged and the run must stop."""
+    # One parameter at a time: a float64 copy of all weights at once would double a large model's memory.
+    return sum(
+        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in parameters
+    )
+
+
+@contextlib.contextmanager
+def weights_swapped(parameters: list, values: list):
+    """Inside the block the parameters hold `values` (their tensors exchanged, nothing copied), and after it
+    their own again: write or load the --ema-decay average through the code that handles the weights."""
+    for p, v in zip(parameters, values, strict=True):
+        p.data, v.data = v.data, p.data
+    try:
+        yield
+    finally:
+        for p, v in zip(parameters, values, strict=True):
+            p.data, v.data = v.data, p.data

@@ -194,6 +194,8 @@ def imagereward_model(med_config: dict, vision: dict = VIT_LARGE) -> torch.nn.Mo
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
     vision_config = BlipVisionConfig(**vision, hidden_act="gelu", layer_norm_eps=1e-6)
+    # BlipTextConfig's is_decoder=True gives every layer its cross-attention to the image; the forward pass
+    # (is_decoder=False) keeps BERT's bidirectional self-attention mask, as ImageReward's BertModel
     text_config = BlipTextConfig(
         **{key: med_config[key] for key in TEXT_CONFIG_KEYS},
         encoder_hidden_size=vision["hidden_size"],  # the cross-attention's keys and values come from the ViT
@@ -226,13 +228,14 @@ def imagereward_key(key: str) -> str | None:
         return "head." + key.removeprefix("mlp.layers.")
     if not key.startswith("blip.visual_encoder."):
         return key
-    name, _, kind = key.removeprefix("blip.visual_encoder.").rpartition(".")
-    if kind not in ("weight", "bias"):  # the two bare parameters, cls_token and pos_embed
-        name, kind = f"{name}.{kind}".strip("."), ""
+    vit = key.removeprefix("blip.visual_encoder.")
+    if vit in VIT_NAMES:  # the two bare parameters
+        return "vision." + VIT_NAMES[vit]
+    name, kind = vit.rsplit(".", 1)  # kind: weight or bias
     block = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if block:
         name = f"encoder.layers.{block[1]}.{BLOCK_NAMES.get(block[2], block[2])}"
-    return "vision." + VIT_NAMES.get(name, name) + (f".{kind}" if kind else "")
+    return f"vision.{VIT_NAMES.get(name, name)}.{kind}"
 
 
 def load_imagereward_state(model: torch.nn.ModuleDict, state: dict) -> None:
@@ -273,7 +276,8 @@ def imagereward_pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
 
 def imagereward_reward(model, tokenizer, device, dtype=torch.float32, batch_size: int = 16) -> RewardFn:
     """ImageReward: head(text [CLS] state attending to the ViT's image tokens), normalised by the mean and
-    std of its training scores. The head runs in fp32 (as the original's `.float()` features)."""
+    std of its training scores. The head runs in fp32 (as the original's `.float()` features). The model is
+    moved to device and dtype in place."""
     model.to(device, dtype).eval()
     model["head"].float()
 
@@ -473,7 +477,8 @@ def lazy(build: Callable[[], RewardFn]) -> RewardFn:
     @functools.cache
     def built():
         try:
-            return build()
+            with torch.random.fork_rng(devices=[]):  # a model's random init must not move the run's RNG
+                return build()
         except OSError as error:  # transformers / huggingface_hub: no network and no cached copy
             raise OSError(
                 f"could not load a reward model's weights ({error}). They come from the Hugging Face hub "

@@ -14,9 +14,12 @@ Names in the code -> symbols of DDIM (Song et al. 2021, eqs. 12 and 16):
     std_dev_t          sigma_t             eta * sqrt((1 - a_{t-1}) / (1 - a_t)) * sqrt(1 - a_t / a_{t-1})
 """
 
+import json
 import math
 import os
+import warnings
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -25,10 +28,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-model")
+PAPER_MODEL = "stabilityai/stable-diffusion-2-base"  # the default --model of train.py and evaluate.py
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ["auto", *DTYPES]  # --mixed-precision of train.py, evaluate.py and tools/bench.py
 
@@ -37,8 +42,10 @@ def precision_dtype(mixed_precision: str, device) -> torch.dtype:
     """--mixed-precision as a dtype; auto: bf16 on a CUDA device that supports it (the paper's), else fp32."""
     if mixed_precision != "auto":
         return DTYPES[mixed_precision]
-    cuda = torch.device(device).type == "cuda"
-    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    cuda = torch.device(device).type == "cuda"  # native bf16 (Ampere on), not the emulation on a V100 or T4
+    return (
+        torch.bfloat16 if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    )
 
 
 #### The DDIM step with its log-prob ####
@@ -50,26 +57,12 @@ def _per_sample(values: torch.Tensor, timestep: torch.Tensor, ndim: int) -> torc
     return out.reshape(-1, *([1] * (ndim - 1)))
 
 
-def ddim_step_with_logprob(
-    scheduler: DDIMScheduler,
-    model_output: torch.Tensor,
-    timestep,
-    sample: torch.Tensor,
-    eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator=None,
+def ddim_step_mean(
+    scheduler: DDIMScheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under N(mu, sigma_t^2 I).
-
-    scheduler: a DDIMScheduler after `set_timesteps`. timestep: int, 0-d or (B,) tensor.
-    prev_sample: when given, the action whose log-prob is wanted (training); when None it is drawn.
-    Returns prev_sample in `sample`'s dtype and log_prob (B,) in float32, averaged over the
-    non-batch dimensions, as the authors' code does (a sum over 4x64x64 dims would overflow exp(new - old)).
-    A step with sigma_t = 0 (eta = 0) is deterministic: it has no density, carries no policy
-    gradient, and its log_prob is reported as 0.
-    """
+    """The policy of one DDIM step x_t -> x_{t-1}: N(mu, sigma_t^2 I). Returns mu (B, ...) and sigma_t
+    (B, 1, ...), float32. scheduler: a DDIMScheduler after `set_timesteps`; timestep: int, 0-d or (B,)."""
     config = scheduler.config
-    dtype = sample.dtype
     model_output, sample = model_output.float(), sample.float()
     timestep = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)  # (B,) or (1,)
     prev_timestep = timestep - config.num_train_timesteps // scheduler.num_inference_steps
@@ -107,24 +100,52 @@ def ddim_step_with_logprob(
 
     # Eq. 12: mu = sqrt(a_{t-1}) x_0-hat + sqrt(1 - a_{t-1} - sigma_t^2) epsilon-hat
     direction = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0).sqrt() * pred_epsilon
-    mean = alpha_prod_t_prev.sqrt() * pred_original + direction
+    return alpha_prod_t_prev.sqrt() * pred_original + direction, std_dev_t
 
-    if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        prev_sample = mean + std_dev_t * noise
-    prev_sample = prev_sample.float()
 
-    # log N(x_{t-1}; mu, sigma^2 I), averaged over all non-batch dims; guarded where sigma = 0.
-    stochastic = std_dev_t > 0
-    safe_std = torch.where(stochastic, std_dev_t, torch.ones_like(std_dev_t))
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I) averaged over the non-batch dimensions, (B,) float32, as the authors' code
+    does (a sum over 4x64x64 dims would overflow exp(new - old)). A step with std = 0 (eta = 0) is
+    deterministic: it has no density, carries no policy gradient, and its log_prob is reported as 0."""
+    stochastic = std > 0
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
     log_prob = (
-        -((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2)
+        -((x.detach().float() - mean) ** 2) / (2 * safe_std**2)
         - torch.log(safe_std)
         - 0.5 * math.log(2 * math.pi)
     )
     log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))  # (B,)
-    return prev_sample.to(dtype), log_prob
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))  # (B,)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) = ||mean - ref_mean||^2 / (2 std^2), averaged over the
+    non-batch dimensions as gaussian_log_prob: (B,) float32, 0 where std = 0."""
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    kl = torch.where(std > 0, (mean - ref_mean.float()) ** 2 / (2 * safe_std**2), torch.zeros_like(mean))
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under N(mu, sigma_t^2 I).
+
+    scheduler: a DDIMScheduler after `set_timesteps`. timestep: int, 0-d or (B,) tensor.
+    prev_sample: when given, the action whose log-prob is wanted (training); when None it is drawn.
+    Returns prev_sample in `sample`'s dtype and log_prob (B,) in float32 (gaussian_log_prob).
+    """
+    mean, std_dev_t = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + std_dev_t * noise
+    return prev_sample.to(sample.dtype), gaussian_log_prob(prev_sample, mean, std_dev_t)
 
 
 #### Loading a pipeline ####
@@ -210,6 +231,11 @@ def check_model(model: str) -> None:
     machine's hub cache, and the hub cannot be reached or has no such repository."""
     if model in ("toy", "tiny") or os.path.isdir(model):
         return
+    if os.path.isabs(model) or model.startswith(".") or model.count("/") > 1:  # a path, not a hub id
+        raise FileNotFoundError(
+            f"could not load --model {model}: no such folder; pass a diffusers folder (with model_index.json)"
+            f", a hub id such as {PAPER_MODEL}, 'toy' or 'tiny'"
+        )
     import huggingface_hub
 
     try:
@@ -263,21 +289,29 @@ def load_pipeline(
     return pipe.to(device) if pipe.unet.dtype == dtype else pipe.to(device, dtype)
 
 
-def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str) -> None:
-    """Replace the pipeline's UNet weights by a train.py checkpoint's: `unet/` (full fine-tune,
-    diffusers layout) or `lora/` (a peft LoRA adapter added to the base UNet)."""
-    if os.path.isdir(os.path.join(checkpoint, "unet")):
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(checkpoint, "unet"))
-        check_finite(unet.state_dict(), os.path.join(checkpoint, "unet"))
+def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str, ema: bool = False) -> None:
+    """Replace the pipeline's UNet weights by a train.py checkpoint's: `unet/` (full fine-tune, diffusers
+    layout) or `lora/` (a LoRA adapter, added to the UNet unless it has one); with ema, their --ema-decay
+    average `unet_ema/` or `lora_ema/`. `checkpoint` may also be one of these folders itself."""
+    suffix = "_ema" if ema else ""
+    unet_dir, lora_dir = os.path.join(checkpoint, "unet" + suffix), os.path.join(checkpoint, "lora" + suffix)
+    if os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
+        lora_dir = checkpoint
+    elif os.path.isfile(os.path.join(checkpoint, "config.json")):
+        unet_dir = checkpoint
+    if os.path.isdir(unet_dir):
+        unet = UNet2DConditionModel.from_pretrained(unet_dir)
+        check_finite(unet.state_dict(), unet_dir)
         pipe.unet.load_state_dict(unet.state_dict())
-    elif os.path.isdir(os.path.join(checkpoint, "lora")):
+    elif os.path.isdir(lora_dir):
         from peft import LoraConfig
 
-        pipe.unet.add_adapter(LoraConfig.from_pretrained(os.path.join(checkpoint, "lora")))
-        load_lora_weights(pipe.unet, os.path.join(checkpoint, "lora"))
+        if not getattr(pipe.unet, "peft_config", None):
+            pipe.unet.add_adapter(LoraConfig.from_pretrained(lora_dir))
+        load_lora_weights(pipe.unet, lora_dir)
     else:
         raise FileNotFoundError(
-            f"{checkpoint} holds neither unet/ nor lora/; pass a folder written by train.py"
+            f"{checkpoint} holds neither unet{suffix}/ nor lora{suffix}/; pass a folder written by train.py"
         )
 
 
@@ -413,6 +447,23 @@ def sample(
     }
 
 
+def step_mean(
+    unet,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    timestep,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance: float = 7.0,
+    eta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu_theta(x_t, c) and sigma_t of the policy's step at stored states under the CURRENT UNet (which may
+    be wrapped in DDP or peft), with gradients and classifier-free guidance recomputed. The scheduler must
+    hold the timesteps the trajectory was sampled with (set_timesteps)."""
+    noise_pred = predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance)
+    return ddim_step_mean(scheduler, noise_pred, timestep, latents, eta)
+
+
 def step_log_prob(
     unet,
     scheduler: DDIMScheduler,
@@ -424,11 +475,69 @@ def step_log_prob(
     guidance: float = 7.0,
     eta: float = 1.0,
 ) -> torch.Tensor:
-    """log pi_theta(x_{t-1} | x_t, c) of stored transitions under the CURRENT UNet (which may be wrapped
-    in DDP or peft), with gradients and classifier-free guidance recomputed: the PPO ratio's numerator.
-    The scheduler must hold the timesteps the trajectory was sampled with (set_timesteps). Returns (B,)."""
-    noise_pred = predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance)
-    _, log_prob = ddim_step_with_logprob(
-        scheduler, noise_pred, timestep, latents, eta, prev_sample=next_latents
+    """log pi_theta(x_{t-1} | x_t, c) of stored transitions under the current UNet (step_mean): the PPO
+    ratio's numerator. Returns (B,)."""
+    mean, std = step_mean(
+        unet, scheduler, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance, eta
     )
-    return log_prob
+    return gaussian_log_prob(next_latents, mean, std)
+
+
+#### L_pre of Algorithm 1: image-caption data and the denoising loss ####
+
+
+def load_pretrain_data(folder: str) -> list[tuple[str, str]]:
+    """(image path, caption) pairs from folder/metadata.jsonl lines {"file_name": ..., "text": ...}."""
+    index = os.path.join(folder, "metadata.jsonl")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"--pretrain-data {folder} has no metadata.jsonl; see the README's 'L_pre'")
+    with open(index) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{index} is empty; it needs one line per image")
+    return [(os.path.join(folder, row["file_name"]), row["text"]) for row in rows]
+
+
+def read_pretrain_images(data, batch_size: int, size: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
+    """(captions, HxWx3 float arrays) of batch_size drawn pairs; an unreadable file is left out with a
+    warning (scraped data has broken files: one must not end a run)."""
+    rng = np.random.default_rng(seed)
+    captions, arrays = [], []
+    for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False):
+        path, caption = data[i]
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
+            captions.append(caption)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"--pretrain-data: left out the unreadable {path} ({error})", stacklevel=2)
+    return captions, arrays
+
+
+def pretrain_loss(
+    pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int, uncond_prob: float = 0.0
+) -> torch.Tensor:
+    """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
+    (v instead of eps for v-prediction models). An `uncond_prob` share of the captions c is the empty
+    caption, as in SD's own pretraining: sampling with guidance w uses eps_uncond + w * (eps_cond -
+    eps_uncond), and at 0 L_pre trains eps_cond only (eps_uncond moves only through the shared weights)."""
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
+    device = pipe.unet.device
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.sample(generator)
+        latents = latents.float() * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(
+            0, pipe.scheduler.config.num_train_timesteps, (len(captions),), generator=generator
+        )
+        # drawn last, so the noise and timesteps are the same whatever uncond_prob is
+        drop = torch.rand(len(captions), generator=generator) < uncond_prob
+        captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
+        prompt_embeds, _ = encode_prompts(pipe, captions)
+    timesteps = timesteps.to(device)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    is_v = pipe.scheduler.config.prediction_type == "v_prediction"
+    target = pipe.scheduler.get_velocity(latents, noise, timesteps) if is_v else noise
+    pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.float()).sample.float()
+    return torch.nn.functional.mse_loss(pred, target)

@@ -13,11 +13,11 @@ checkpoint-<iteration>/ and final/ for evaluate.py --checkpoint, sample grids) i
 """
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm.auto import tqdm
 
+import monitor
 import outputs
 import rewards
 import sampler
@@ -41,7 +41,7 @@ from flags import option, parse
 # fmt: off
 @dataclass
 class Args:
-    model: str = option("stabilityai/stable-diffusion-2-base", "a hub id or a diffusers folder (the paper's: "
+    model: str = option(sampler.PAPER_MODEL, "a hub id or a diffusers folder (the paper's: "
                         "SD2 base), 'toy' (the toy world, ships with the repo, offline) or 'tiny' (random)")
     rewards: str = option("pref,skin,comp", "comma list of tasks trained jointly")
     prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
@@ -75,6 +75,11 @@ class Args:
                                               "train the unconditional prediction that guidance uses too "
                                               "(SD's pretraining: 0.1; 0: the conditional one only)",
                                          at_least=0, at_most=1)
+    kl_coef: float = option(0.0, "beta of beta * KL(pi_theta || pi_ref) per trained step, pi_ref the base "
+                                 "model's policy (0: none, the paper)", at_least=0)
+    ema_decay: float = option(0.0, "decay of an EMA of the trained weights, saved as unet_ema/ (lora_ema/) "
+                                   "(0: none, the paper)", at_least=0, at_most=0.99999)
+    lr_warmup: int = option(0, "optimizer steps of linear learning-rate warmup (0: none)", at_least=0)
     lora_rank: int = option(0, "train LoRA adapters of this rank instead of the full UNet "
                                "(0: full fine-tune, as the paper; needs peft)", at_least=0)
     mixed_precision: str = option("auto", "autocast dtype; auto: bf16 on CUDA (the paper's), else fp32 (no)",
@@ -90,6 +95,9 @@ class Args:
     sample_every: int = option(10, "save a PNG grid of samples every N iterations", at_least=0)
     keep_checkpoints: int = option(0, "keep the N newest checkpoint-<n> folders (0: all)", at_least=0)
     log_with: str = option("none", "metrics also to", choices=["none", "tensorboard", "wandb"])
+    eval_every: int = option(0, "every N iterations (from 0) each task's held-out prompts, fixed prompts and "
+                                "seeds: rows with eval_reward_mean (0: never)", at_least=0)
+    eval_rewards: str = option("", "comma list of gold rewards also scored at --eval-every, e.g. aesthetic")
     dist_timeout: float = option(1800.0, "seconds a rank waits in a collective before the job fails, so "
                                          "that a stuck rank ends the run (torch's default: 1800)", above=0)
 # fmt: on
@@ -139,8 +147,8 @@ def exit_distributed():
     """Destroy the process group and end the process at once, without running destructors: freeing gloo's
     process group can hang or abort at exit with torch 2.13 (docs/engineering-notes.md has the evidence)."""
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     os._exit(0)
 
 
@@ -179,6 +187,11 @@ class Run:
     trainable: list  # the parameters AdamW updates
     optimizer: torch.optim.Optimizer
     pretrain_data: list | None  # (image path, caption) pairs of L_pre, None without --pretrain-data
+    reference: torch.nn.Module | None = None  # pi_ref of --kl-coef, a frozen base UNet (full fine-tune)
+    ema: list | None = None  # --ema-decay: fp32 EMA of each trainable parameter
+    gold: list = dataclasses.field(default_factory=list)  # the --eval-rewards tasks
+    held_out_lists: list = dataclasses.field(default_factory=list)  # each task's held-out prompts
+    optimizer_steps: int = 0  # taken so far, for --lr-warmup (part of exact resume)
     start: int = 0  # the first iteration: the checkpoint's when resuming
     stop: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(1))  # SIGTERM sets it
     track: Callable | None = None  # sends a metrics row to TensorBoard or W&B (rank 0)
@@ -215,8 +228,8 @@ def init_processes(timeout: float) -> tuple[torch.device, int, int, bool]:
 
 
 def load_tasks(args: Args, device, world_size: int) -> tuple[list, list]:
-    """The tasks of --rewards and their training prompts; a batch or prompt list that cannot work stops here,
-    before any model loads."""
+    """The tasks of --rewards, their training prompts and reward models; a batch or prompt list that cannot
+    work stops here, before any model loads."""
     names = [name.strip() for name in args.rewards.split(",") if name.strip()]
     tasks = [toyworld.load_task(name, args.model, device, args.prompt_file or None) for name in names]
     prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
@@ -231,6 +244,7 @@ def load_tasks(args: Args, device, world_size: int) -> tuple[list, list]:
             raise ValueError(
                 f"task {task.name!r} has {len(prompts)} prompts for {world_size} ranks; add prompts"
             )
+        task.load()  # the reward model now: weights that cannot be fetched stop the run in seconds
     return tasks, prompt_lists
 
 
@@ -285,10 +299,12 @@ def resume(run: Run) -> int:
         raise ValueError(f"--resume {path} is at iteration {start}, beyond --iterations {args.iterations}")
     if run.master:  # resuming an earlier checkpoint: the later ones of the old branch go out of latest's way
         outputs.set_aside_later_checkpoints(args.out, start)
-    if run.lora_config is None:
-        sampler.load_checkpoint_weights(run.pipe, path)
-    else:
-        sampler.load_lora_weights(run.pipe.unet, os.path.join(path, "lora"))
+    sampler.load_checkpoint_weights(run.pipe, path)
+    if run.ema is not None:  # into the EMA's tensors: the saved EMA, or the weights in a checkpoint without
+        saved = any(os.path.isdir(os.path.join(path, name)) for name in ("unet_ema", "lora_ema"))
+        with outputs.weights_swapped(run.trainable, run.ema):
+            sampler.load_checkpoint_weights(run.pipe, path, ema=saved)
+    run.optimizer_steps = state.get("optimizer_steps", 0)
     run.optimizer.load_state_dict(state["optimizer"])  # this also restores the checkpoint's lr ...
     for group in run.optimizer.param_groups:  # ... so this run's --lr and --weight-decay go back in
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
@@ -309,17 +325,21 @@ def setup(args: Args) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     tasks, prompt_lists = load_tasks(args, device, world_size)
     pipe, lora_config, trainable = load_model(args, device, dtype)
-    for task in tasks:  # the reward models load now: weights that cannot be fetched stop the run in seconds
-        task.load()
     # fused: one kernel for all parameters, not a loop of small ops (a 4x faster step on CPU, tools/bench.py)
     optimizer = torch.optim.AdamW(
         trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True
     )
     cuda_ids = [device] if device.type == "cuda" else None
     model = torch.nn.parallel.DistributedDataParallel(pipe.unet, device_ids=cuda_ids) if ddp else pipe.unet
-    pretrain_data = load_pretrain_data(args.pretrain_data) if args.pretrain_data else None
+    pretrain_data = sampler.load_pretrain_data(args.pretrain_data) if args.pretrain_data else None
     run = Run(args, device, rank, world_size, ddp, autocast, scaler, tasks, prompt_lists, pipe, model,
               lora_config, trainable, optimizer, pretrain_data)  # fmt: skip
+    if args.kl_coef and lora_config is None:  # pi_ref: the base weights, frozen (LoRA: adapters off instead)
+        run.reference = copy.deepcopy(pipe.unet).requires_grad_(False).to(dtype)
+    run.ema = [p.detach().clone() for p in trainable] if args.ema_decay else None
+    run.gold = [toyworld.load_task(name.strip(), args.model, device) for name in args.eval_rewards.split(",")
+                if name.strip()]  # fmt: skip
+    run.held_out_lists = [t.prompts(t.splits[-1], args.seed) for t in tasks] if args.eval_every else []
     run.start = resume(run)
     if run.master:  # OUT/args.json, OUT/metrics.jsonl up to the start, the tracker
         run.track, run.close_tracker = outputs.open_logs(dataclasses.asdict(args), run.start)
@@ -347,22 +367,27 @@ class Batch:
     negative_prompt_embeds: torch.Tensor  # (B, L, D)
 
 
-def sample_batch(run: Run, task_index: int, iteration: int) -> Batch:
+def sample_batch(run: Run, task_index: int, iteration: int, held_out: bool = False) -> Batch:
     """This rank's prompts of the task's endless stream -> stochastic DDIM trajectories with per-step
-    log-probs (no grad). A minibatch reward's group of --group-size images of one prompt stays on one rank."""
+    log-probs (no grad). A minibatch reward's group of --group-size images of one prompt stays on one rank.
+    held_out: the same prompts of the task's held-out split and the same noise at each call (--eval-every)."""
     args, task = run.args, run.tasks[task_index]
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # peak_memory_mb: of this task's iteration
     group = group_size(task, args)
     per_rank = args.batch_size // group  # prompts per rank
-    first = (iteration * run.world_size + run.rank) * per_rank  # this rank's place in the prompt stream
-    items, indices = rewards.draw_prompts(
-        run.prompt_lists[task_index], first, per_rank, args.seed + task_index
-    )
+    first = (
+        run.rank if held_out else iteration * run.world_size + run.rank
+    ) * per_rank  # place in the stream
+    prompt_lists = run.held_out_lists if held_out else run.prompt_lists
+    items, indices = rewards.draw_prompts(prompt_lists[task_index], first, per_rank, args.seed + task_index)
     prompts = [prompt for prompt, _ in items for _ in range(group)]
     metadata = [{**meta, "group": first + i} for i, (_, meta) in enumerate(items) for _ in range(group)]
     prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
-    generator = torch.Generator().manual_seed(rank_seed(args.seed, iteration, task_index, run.rank))
+    keys = (
+        (args.seed, 0, task_index, run.rank, 1) if held_out else (args.seed, iteration, task_index, run.rank)
+    )
+    generator = torch.Generator().manual_seed(rank_seed(*keys))
     with run.autocast:
         trajectories = sampler.sample(run.pipe, prompts, args.num_steps, args.guidance, args.eta, generator)
     return Batch(prompts, metadata, prompt_ids, **trajectories)
@@ -409,12 +434,46 @@ def optimizer_step(run: Run, what: str) -> tuple[torch.Tensor, bool]:
         run.warn(f"{what}: non-finite gradient, step skipped")
         run.optimizer.zero_grad(set_to_none=True)
     else:
+        for group in run.optimizer.param_groups:  # --lr-warmup: linear from lr / N to lr over N steps
+            group["lr"] = run.args.lr * min(1.0, (run.optimizer_steps + 1) / max(run.args.lr_warmup, 1))
         run.scaler.step(run.optimizer)
+        run.optimizer_steps += 1
+        if run.ema is not None:  # ema <- ema + (1 - decay) (theta - ema)
+            torch._foreach_lerp_(run.ema, [p.detach() for p in run.trainable], 1 - run.args.ema_decay)
     run.scaler.update()
     return grad_norm, skipped
 
 
-STEP_STATS = ("loss", "approx_kl", "clipfrac", "ratio_error", "skipped", "grad_norm")  # per trained step
+STEP_STATS = ("loss", "approx_kl", "clipfrac", "ratio_error", "kl_ref", "skipped", "grad_norm")  # per step
+
+
+def policy(run: Run, unet, batch: Batch, rows: slice, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pi(. | x_t, c) = N(mean, std^2 I) of `unet` at the stored states `rows` of DDIM step j."""
+    return sampler.step_mean(unet, run.pipe.scheduler, batch.latents[rows, j], batch.timesteps[j],
+                             batch.prompt_embeds[rows], batch.negative_prompt_embeds[rows], run.args.guidance,
+                             run.args.eta)  # fmt: skip
+
+
+@torch.no_grad()
+def reference_mean(run: Run, batch: Batch, rows: slice, j: int) -> torch.Tensor:
+    """The mean of the base policy pi_ref (--kl-coef): a frozen copy of the base UNet (full fine-tune), or
+    the trained UNet with its LoRA adapters switched off (no extra memory)."""
+    if run.reference is not None:
+        return policy(run, run.reference, batch, rows, j)[0]
+    run.pipe.unet.disable_adapters()
+    try:
+        return policy(run, run.pipe.unet, batch, rows, j)[0]
+    finally:
+        run.pipe.unet.enable_adapters()
+
+
+@torch.no_grad()
+def probe_log_prob(run: Run, batch: Batch, rows: slice, j: int, precision) -> torch.Tensor:
+    """log p_theta of stored actions under the current weights in the given precision (autocast or fp32)."""
+    with precision:
+        return sampler.gaussian_log_prob(
+            batch.latents[rows, j + 1], *policy(run, run.pipe.unet, batch, rows, j)
+        )
 
 
 def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int, iteration: int) -> dict:
@@ -430,24 +489,29 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
         for _ in range(args.inner_epochs)
     ])  # fmt: skip
     micro = args.micro_batch or args.batch_size
-    per_step = []
-    for j in ddim_steps:
+    fp32 = contextlib.nullcontext()  # precision_noise under --mixed-precision: the first chunk, in fp32 too
+    probe, mixed = slice(0, micro), not isinstance(run.autocast, contextlib.nullcontext)
+    per_step, noise = [], None
+    for k, j in enumerate(ddim_steps):
         run.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=run.device)
-        stats = {"loss": zero, "approx_kl": zero, "clipfrac": zero, "ratio_error": zero}  # summed over chunks
+        stats = {"loss": zero, "approx_kl": zero, "clipfrac": zero, "ratio_error": zero, "kl_ref": zero}
+        fp32_before = probe_log_prob(run, batch, probe, j, fp32) if mixed and k == 0 else None
         for m in range(0, args.batch_size, micro):
             rows = slice(m, m + micro)
             sync = m + micro >= args.batch_size or not run.ddp  # DDP averages gradients at the last chunk
             with contextlib.nullcontext() if sync else run.model.no_sync(), run.autocast:
-                # log p_theta(x_{t-1} | x_t, c) of the stored action, under the current weights: (micro,)
-                log_prob = sampler.step_log_prob(
-                    run.model, run.pipe.scheduler, batch.latents[rows, j], batch.latents[rows, j + 1],
-                    batch.timesteps[j], batch.prompt_embeds[rows], batch.negative_prompt_embeds[rows],
-                    args.guidance, args.eta,
-                )  # fmt: skip
+                mean, std = policy(run, run.model, batch, rows, j)  # pi_theta under the current weights
+                ref_mean = reference_mean(run, batch, rows, j) if args.kl_coef else None
+            # log p_theta(x_{t-1} | x_t, c) of the stored action: (micro,)
+            log_prob = sampler.gaussian_log_prob(batch.latents[rows, j + 1], mean, std)
             loss, log_ratio = clipped_surrogate(
                 log_prob, batch.log_probs[rows, j], advantages[rows], args.clip_range
             )
+            if args.kl_coef:  # + beta * KL(pi_theta || pi_ref) (0: the paper's loss)
+                kl = sampler.gaussian_kl(mean, ref_mean, std)  # (micro,)
+                loss = loss + args.kl_coef * kl.mean()
+                stats["kl_ref"] = stats["kl_ref"] + len(kl) / args.batch_size * kl.detach().mean()
             share = len(log_ratio) / args.batch_size  # this chunk's part of the batch mean
             run.scaler.scale(loss * share).backward()
             log_ratio = log_ratio.detach()
@@ -457,50 +521,26 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
             stats["clipfrac"] = stats["clipfrac"] + share * (off > args.clip_range).float().mean()
             stats["ratio_error"] = torch.maximum(stats["ratio_error"], off.max())
         grad_norm, skipped = optimizer_step(run, f"iteration {iteration} {task.name}")
+        if fp32_before is not None:  # the same chunk after the update, in the policy's precision and in fp32
+            after, fp32_after = (probe_log_prob(run, batch, probe, j, p) for p in (run.autocast, fp32))
+            noise = monitor.precision_noise(batch.log_probs[probe, j], after, fp32_before, fp32_after)
         stats["skipped"] = torch.tensor(float(skipped), device=run.device)
         stats["grad_norm"] = grad_norm.detach().float().nan_to_num(0, 0, 0)  # before clipping; 0: skipped
         per_step.append(torch.stack([stats[name] for name in STEP_STATS]))
     averaged = all_mean(torch.stack(per_step)).cpu()  # (K, len(STEP_STATS)), averaged over ranks
-    per_step = {name: averaged[:, i] for i, name in enumerate(STEP_STATS)}
+    per_step = {name: averaged[:, i] for i, name in enumerate(STEP_STATS) if name != "kl_ref" or args.kl_coef}
     if per_step["ratio_error"][0] > 1e-3:
         run.warn(
             f"the policy ratio before the first update is off by {per_step['ratio_error'][0]:.2e}: sampling "
             "and training disagree (eta, guidance, scheduler or precision)"
         )
+    if noise is not None:
+        per_step["precision_noise"] = noise = all_mean(noise).item()
+        if noise > args.clip_range:
+            run.warn(f"{task.name}: rounding in --mixed-precision {args.mixed_precision} moves the policy "
+                     f"ratio by {noise:.1e}, above --clip-range {args.clip_range:g}: clipping acts on noise "
+                     "(docs/training.md, 'Precision noise')")  # fmt: skip
     return {**per_step, "ddim_steps": ddim_steps}
-
-
-def metrics_row(run: Run, task, iteration, rewards, info: dict, per_step: dict, times: list[float]) -> dict:
-    """One OUT/metrics.jsonl line: rewards (global batch), the update's statistics (the *_per_step lists in
-    training order, trained_steps naming each entry's DDIM step, 0 the noisiest) and where time went."""
-    start, sampled, scored, updated = times
-    row = {"iteration": iteration, "task": task.name, "reward_mean": rewards.mean().item(),
-           "reward_std": rewards.std(correction=0).item(), "samples": len(rewards)}  # fmt: skip
-    row.update({name: per_step[name].mean().item() for name in ("loss", "approx_kl", "clipfrac")})
-    row.update(
-        {f"{name}_per_step": per_step[name].tolist() for name in ("approx_kl", "clipfrac", "grad_norm")}
-    )
-    row.update(
-        trained_steps=per_step["ddim_steps"].tolist(),
-        ratio_error_first=per_step["ratio_error"][0].item(),  # |w - 1| before the update: 0 on-policy
-        skipped_steps=int(per_step["skipped"].sum().item()),
-        seconds=updated - start,
-        seconds_sampling=sampled - start,
-        seconds_reward=scored - sampled,
-        seconds_update=updated - scored,
-        peak_memory_mb=torch.cuda.max_memory_allocated(run.device) / 2**20
-        if run.device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the process's peak RSS
-    )
-    return row | {f"reward_{k}": v for k, v in info.items()}
-
-
-def non_finite_rewards_row(run: Run, task, iteration: int, rewards: torch.Tensor, start: float) -> dict:
-    """The metrics line of a task whose gathered rewards are not all finite: its update is skipped."""
-    run.warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
-    skipped, seconds = run.args.train_timesteps * run.args.inner_epochs, time.time() - start
-    return {"iteration": iteration, "task": task.name, "samples": len(rewards), "skipped_steps": skipped,
-            "non_finite_rewards": int((~rewards.isfinite()).sum()), "seconds": seconds}  # fmt: skip
 
 
 def sample_grid(run: Run, task, batch: Batch, iteration: int):
@@ -514,70 +554,13 @@ def sample_grid(run: Run, task, batch: Batch, iteration: int):
 #### Algorithm 1, step 4: the pretraining loss L_pre ####
 
 
-def load_pretrain_data(folder: str) -> list[tuple[str, str]]:
-    """(image path, caption) pairs from folder/metadata.jsonl lines {"file_name": ..., "text": ...}."""
-    index = os.path.join(folder, "metadata.jsonl")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"--pretrain-data {folder} has no metadata.jsonl; see the README's 'L_pre'")
-    with open(index) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        raise ValueError(f"{index} is empty; it needs one line per image")
-    return [(os.path.join(folder, row["file_name"]), row["text"]) for row in rows]
-
-
-def read_pretrain_images(data, batch_size: int, size: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
-    """(captions, HxWx3 float arrays) of batch_size drawn pairs; an unreadable file is left out with a
-    warning (scraped data has broken files: one must not end a run)."""
-    rng = np.random.default_rng(seed)
-    captions, arrays = [], []
-    for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False):
-        path, caption = data[i]
-        try:
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
-            captions.append(caption)
-        except (OSError, ValueError) as error:
-            warnings.warn(f"--pretrain-data: left out the unreadable {path} ({error})", stacklevel=2)
-    return captions, arrays
-
-
-def pretrain_loss(
-    pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int, uncond_prob: float = 0.0
-) -> torch.Tensor:
-    """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
-    (v instead of eps for v-prediction models). An `uncond_prob` share of the captions c is the empty
-    caption, as in SD's own pretraining: sampling with guidance w uses eps_uncond + w * (eps_cond -
-    eps_uncond), and at 0 L_pre trains eps_cond only (eps_uncond moves only through the shared weights)."""
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
-    device = pipe.unet.device
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.sample(generator)
-        latents = latents.float() * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(
-            0, pipe.scheduler.config.num_train_timesteps, (len(captions),), generator=generator
-        )
-        # drawn last, so the noise and timesteps are the same whatever uncond_prob is
-        drop = torch.rand(len(captions), generator=generator) < uncond_prob
-        captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
-        prompt_embeds, _ = sampler.encode_prompts(pipe, captions)
-    timesteps = timesteps.to(device)
-    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-    is_v = pipe.scheduler.config.prediction_type == "v_prediction"
-    target = pipe.scheduler.get_velocity(latents, noise, timesteps) if is_v else noise
-    pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.float()).sample.float()
-    return torch.nn.functional.mse_loss(pred, target)
-
-
 def pretrain_step(run: Run, iteration: int) -> dict:
     """One optimizer step of beta * L_pre on --pretrain-batch-size image-caption pairs per rank, after the
     iteration's RL steps (Algorithm 1). Returns its metrics line."""
     args, start = run.args, time.time()
     seed = rank_seed(args.seed, iteration, len(run.tasks), run.rank)
     size = run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor
-    captions, arrays = read_pretrain_images(run.pretrain_data, args.pretrain_batch_size, size, seed)
+    captions, arrays = sampler.read_pretrain_images(run.pretrain_data, args.pretrain_batch_size, size, seed)
     # decided together: a rank that raised alone would leave the others waiting in a collective
     if all_mean(torch.tensor(float(not captions), device=run.device)).item() > 0:
         raise ValueError(
@@ -587,7 +570,7 @@ def pretrain_step(run: Run, iteration: int) -> dict:
         )
     run.optimizer.zero_grad(set_to_none=True)
     with run.autocast:
-        loss = pretrain_loss(run.pipe, run.model, captions, arrays, seed, args.pretrain_uncond_prob)
+        loss = sampler.pretrain_loss(run.pipe, run.model, captions, arrays, seed, args.pretrain_uncond_prob)
     run.scaler.scale(args.pretrain_weight * loss).backward()
     grad_norm, skipped = optimizer_step(run, f"iteration {iteration} pretrain")
     grad_norm = 0.0 if skipped else grad_norm.item()  # of beta * L_pre before clipping, as the RL steps'
@@ -596,34 +579,45 @@ def pretrain_step(run: Run, iteration: int) -> dict:
             "skipped_steps": int(skipped), "seconds": time.time() - start}  # fmt: skip
 
 
+#### Watching: held-out rewards every --eval-every iterations and the reward-hacking alarm ####
+
+
+def held_out_evaluation(run: Run, iteration: int):
+    """Each task's held-out prompts (the same prompts and noise each time) under the weights, or their
+    --ema-decay average: rows with eval_reward_mean and eval_<gold>_mean (--eval-rewards), then the alarm."""
+    for task_index, task in enumerate(run.tasks):
+        with outputs.weights_swapped(run.trainable, run.ema) if run.ema else contextlib.nullcontext():
+            batch = sample_batch(run, task_index, iteration, held_out=True)
+        row = {"iteration": iteration, "task": task.name, "eval_split": task.splits[-1],
+               "eval_ema": bool(run.ema)}  # fmt: skip
+        for name, scorer in [("reward", task), *[(gold.name, gold) for gold in run.gold]]:
+            scores = scorer.reward(batch.images, batch.prompts, batch.metadata)[0]
+            scores = all_gather(scores.float().to(run.device))  # (world_size * B,)
+            mean, std = scores.mean().item(), scores.std(correction=0).item()
+            row |= {f"eval_{name}_mean": mean, f"eval_{name}_std": std}
+        run.log(row)
+        if run.master:  # the alarm reads the run's rows so far
+            for warning in monitor.hacking_alarm(outputs.read_metrics(run.args.out), task.name):
+                run.warn(warning)
+
+
 #### Checkpoints: atomic (temp folder + rename), exact resume ####
-
-
-def weight_checksums(parameters) -> torch.Tensor:
-    """(world_size, 2): sum and sum of squares of the trained weights on each rank. DDP keeps replicas
-    identical; a difference means the ranks diverged and the run must stop before saving."""
-    # One parameter at a time: a float64 copy of all weights at once would double a large model's memory.
-    sums = sum(
-        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in parameters
-    )
-    return all_gather(sums[None]).cpu()
 
 
 def save_checkpoint(run: Run, name: str, iteration: int):
     """OUT/name/: every rank checks that the replicas agree, rank 0 writes, everyone waits."""
-    checksums = weight_checksums(run.trainable)
+    checksums = all_gather(outputs.weight_sums(run.trainable)[None]).cpu()  # (world_size, 2)
     if not checksums.isfinite().all():
-        raise RuntimeError(
-            f"non-finite weights: the update diverged; not saving {name} (lower --lr, or resume)"
-        )
+        raise RuntimeError(f"non-finite weights: the update diverged; not saving {name}; lower --lr")
     if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"the ranks' weights diverged (checksums {checksums.tolist()}); not saving {name}")
     if run.master:  # final/ holds what evaluate.py and diffusers load; the last checkpoint-<n> resumes
         state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
-        state.update(iteration=iteration, rank_checksums=checksums)
+        state.update(iteration=iteration, rank_checksums=checksums, optimizer_steps=run.optimizer_steps)
         run_args = {**dataclasses.asdict(run.args), "world_size": run.world_size}
         path, state = os.path.join(run.args.out, name), None if name == "final" else state
-        outputs.write(path, run.pipe.unet, run.lora_config, state, run_args)
+        ema = None if run.ema is None else (run.trainable, run.ema)
+        outputs.write(path, run.pipe.unet, run.lora_config, state, run_args, ema)
         outputs.keep_newest(run.args.out, run.args.keep_checkpoints, keep={iteration, run.start})
     barrier()
 
@@ -648,6 +642,8 @@ def main(args: Args, run: Run | None = None):
     iterations = range(run.start, args.iterations)
     bar = tqdm(iterations, initial=run.start, total=args.iterations, disable=not run.master)
     for iteration in bar:
+        if args.eval_every and iteration % args.eval_every == 0:  # held-out rewards of the weights so far
+            held_out_evaluation(run, iteration)
         for task_index, task in enumerate(run.tasks):  # every task in turn
             start = time.time()
             # 1. SAMPLING: trajectories with per-step log-probs, no grad
@@ -658,7 +654,8 @@ def main(args: Args, run: Run | None = None):
             rewards, info = task.reward(batch.images, batch.prompts, batch.metadata)  # (B,)
             global_rewards = all_gather(rewards.float().to(run.device)).cpu()  # (world_size * B,)
             if not torch.isfinite(global_rewards).all():  # every rank gathered the same: all skip together
-                run.log(non_finite_rewards_row(run, task, iteration, global_rewards, start))
+                run.warn(f"iteration {iteration} {task.name}: non-finite rewards, update skipped")
+                run.log(outputs.non_finite_rewards_row(task.name, iteration, global_rewards, args, start))
                 continue
             global_prompt_ids = all_gather(batch.prompt_ids.to(run.device)).cpu()
             advantages = global_advantages(global_rewards, global_prompt_ids, args)
@@ -668,8 +665,8 @@ def main(args: Args, run: Run | None = None):
             # 3. TRAINING: K DDIM steps, one optimizer step of the clipped surrogate (Eq. 4) each
             per_step = ppo_update(run, batch, advantages.to(run.device), task_index, iteration)
             times = [start, sampled, scored, time.time()]
-            grid = sample_grid(run, task, batch, iteration)
-            run.log(metrics_row(run, task, iteration, global_rewards, info, per_step, times), grid)
+            row = outputs.metrics_row(task.name, iteration, global_rewards, info, per_step, times, run.device)
+            run.log(row, sample_grid(run, task, batch, iteration))
             bar.set_postfix({task.name: f"{global_rewards.mean().item():.3f}"})
 
         # 4. L_pre: one step on image-caption data after the RL steps
@@ -680,6 +677,8 @@ def main(args: Args, run: Run | None = None):
         if checkpoint_or_stop(run, iteration):
             break
     else:  # all iterations done, no SIGTERM
+        if args.eval_every and args.iterations % args.eval_every == 0:
+            held_out_evaluation(run, args.iterations)
         save_checkpoint(run, "final", args.iterations)
     bar.close()
     if run.master:

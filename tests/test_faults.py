@@ -144,7 +144,7 @@ def test_start_up_errors_are_one_line_without_a_traceback(tmp_path):
         (["--rewards", "nope", "--out", str(tmp_path / "a")], "unknown reward 'nope'"),
         (
             ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "b")],
-            "could not load a Stable Diff",
+            "could not load --model " + str(tmp_path / "no-model") + ": no such folder",
         ),
         (["--prompt-file", str(empty), "--out", str(tmp_path / "c")], "has no prompts"),
         (["--out", str(empty)], "is a file; pass a folder"),

@@ -326,7 +326,7 @@ def test_imagereward_port_matches_image_reward_1_5():
     ]
     difference = (torch.tensor(ours, dtype=torch.float64) - fixture["scores"]).abs()
     assert difference.max() <= 1e-4, difference
-    assert fixture["scores"].std() > 1e-3  # the images and prompts score differently: the check has teeth
+    assert fixture["scores"].std() > 1  # images and prompts score far apart (1e-4 is 1e-4 of the spread)
 
 
 def test_imagereward_maps_every_key_of_the_original_state_dict():
@@ -359,7 +359,7 @@ def test_imagereward_batches_and_chunks_give_the_same_scores_in_any_dtype():
         images, prompts, groups(0, 1, 2)
     )
     assert chunked.dtype == torch.float32 and chunked.shape == (3,)
-    torch.testing.assert_close(chunked, one_by_one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, one_by_one, atol=0, rtol=1e-5)  # batched matmuls round differently
     assert (chunked[0] - chunked[1]).abs() > 1e-3  # same image, another prompt: another score
     bf16, _ = rewards.imagereward_reward(model, tokenizer, "cpu", dtype=torch.bfloat16)(
         images, prompts, groups(0, 1, 2)
@@ -367,7 +367,7 @@ def test_imagereward_batches_and_chunks_give_the_same_scores_in_any_dtype():
     assert (
         bf16.dtype == torch.float32 and model["head"][0].weight.dtype == torch.float32
     )  # the head stays fp32
-    torch.testing.assert_close(bf16, one_by_one, atol=0.05, rtol=0)
+    torch.testing.assert_close(bf16, one_by_one, atol=0, rtol=0.1)  # bf16 keeps ~3 significant digits
 
 
 def test_imagereward_preprocessing_resizes_the_short_side_and_crops_the_centre():

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import rewards
+import sampler
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +67,6 @@ def test_help_documents_every_flag_with_paper_defaults():
 
 
 def test_the_paper_is_the_default_and_auto_precision_and_checkpointing_follow_the_device(monkeypatch):
-    import sampler
-
     args = train.parse_args([])
     assert (args.model, args.mixed_precision, args.gradient_checkpointing) == (
         "stabilityai/stable-diffusion-2-base", "auto", None)  # fmt: skip
@@ -391,8 +390,6 @@ def test_non_finite_rewards_skip_the_update(tmp_path, monkeypatch, precision):
 
 
 def sampler_weights():
-    import sampler
-
     return sampler.tiny_pipeline().unet.state_dict()
 
 
@@ -426,8 +423,6 @@ def test_pretraining_loss_step(tmp_path):
 def test_pretraining_loss_trains_the_unconditional_prediction_on_a_share_of_empty_captions(monkeypatch):
     """Guidance uses eps_uncond, so L_pre replaces a --pretrain-uncond-prob share of its captions by "",
     drawn from the step's seed, and keeps the same noise and timesteps whatever that share is."""
-    import sampler
-
     pipe = sampler.tiny_pipeline()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     arrays = list(np.random.default_rng(0).integers(0, 256, (64, size, size, 3), dtype=np.uint8))
@@ -438,7 +433,7 @@ def test_pretraining_loss_trains_the_unconditional_prediction_on_a_share_of_empt
 
     def loss(texts, seed, uncond_prob):
         with torch.no_grad():
-            return train.pretrain_loss(pipe, pipe.unet, texts, arrays, seed, uncond_prob).item()
+            return sampler.pretrain_loss(pipe, pipe.unet, texts, arrays, seed, uncond_prob).item()
 
     conditional = loss(captions, 0, 0.0)
     assert encoded[-1] == captions  # 0: every caption kept (the conditional prediction only)
@@ -459,8 +454,8 @@ def test_a_non_finite_pretraining_gradient_skips_only_that_step(tmp_path, monkey
     data.mkdir()
     Image.new("RGB", (32, 32), (200, 0, 0)).save(data / "0.png")
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a red square"}) + "\n")
-    real = train.pretrain_loss
-    monkeypatch.setattr(train, "pretrain_loss", lambda *a: real(*a) * float("nan"))
+    real = sampler.pretrain_loss
+    monkeypatch.setattr(sampler, "pretrain_loss", lambda *a: real(*a) * float("nan"))
     with pytest.warns(UserWarning, match="pretrain: non-finite gradient, step skipped"):
         out = run(tmp_path, "--rewards", "brightness", "--iterations", "1", "--pretrain-data", str(data))
     row = next(row for row in metrics(out) if row["task"] == "pretrain")
@@ -474,8 +469,6 @@ def test_a_non_finite_pretraining_gradient_skips_only_that_step(tmp_path, monkey
 
 def test_lora_mixed_precision_and_checkpointing(tmp_path):
     pytest.importorskip("peft")
-    import sampler
-
     out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--lora-rank", "4",
               "--mixed-precision", "bf16", "--gradient-checkpointing", "--micro-batch", "2")  # fmt: skip
     assert os.path.isdir(os.path.join(out, "final", "lora"))
@@ -498,8 +491,6 @@ def test_a_lora_checkpoint_loads_in_stock_diffusers_and_resumes_exactly(tmp_path
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-
-    import sampler
 
     lora = [
         "--rewards",

@@ -83,7 +83,9 @@ class BenchArgs:
     mixed_precision: str = option(
         "auto", "autocast dtype, passed to train.py (auto: bf16 on CUDA, or fp32)", choices=sampler.PRECISIONS
     )
-    gradient_checkpointing: bool = option(False, "in the timed iterations")
+    gradient_checkpointing: bool | None = option(
+        None, "in the timed iterations (default: as train.py, on with CUDA)"
+    )
     repeats: int = option(5, "interleaved rounds of every comparison")
     iterations: int = option(3, "train.py iterations per round (the first is dropped)", at_least=2)
     memory_timesteps: str = option("1,2,5", "--train-timesteps values of the memory table")
@@ -534,7 +536,12 @@ def main(args: BenchArgs) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # The benchmark's own UNet calls in train.py's precision (train.main sets its autocast itself).
-    precision, dtype = contextlib.nullcontext(), sampler.precision_dtype(args.mixed_precision, device)
+    # auto resolved as train.py resolves it, so that the report names what ran
+    dtype = sampler.precision_dtype(args.mixed_precision, device)
+    args.mixed_precision = next(name for name, d in sampler.DTYPES.items() if d == dtype)
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = device.type == "cuda"
+    precision = contextlib.nullcontext()
     if dtype != torch.float32:
         precision = torch.autocast(device.type, dtype=dtype)
     pipe = sampler.load_pipeline(args.model, device=device)

@@ -34,8 +34,10 @@ PROMPTS = [
     "an old man with a blue bicycle on the street",  # "bicycle" and "street" in the vocabulary
     "a painting of trees and houses near the river at sunset",  # "##s", "at" unknown -> [UNK]
     " ".join(["a big green tree next to a small house"] * 5),  # longer than 35 tokens: truncated
+    "A Café  near the RIVER, très Old!!",  # case, accents, repeated punctuation and spaces
+    "a dog 犬 and a cat 🐱 in the city",  # CJK and emoji, as DiffusionDB prompts have
 ]
-SIZES = [(64, 64), (48, 80), (96, 64), (232, 228)]  # (H, W): square, landscape, portrait, downscaled
+SIZES = [(64, 64), (48, 80), (96, 64), (232, 228), (32, 32), (40, 24)]  # (H, W): square, landscape, ...
 
 
 def write_vocab(folder: Path) -> None:
@@ -87,7 +89,7 @@ def main():
     with torch.no_grad():  # random weights of a useful scale, rounded to fp16 (the stored values)
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
-                noise = torch.randn_like(tensor) * 0.1
+                noise = torch.randn_like(tensor) * (0.3 if name.startswith("mlp.") else 0.1)  # spread ~2
                 is_norm_weight = ("norm" in name.lower()) and name.endswith("weight")
                 tensor.copy_((noise + (1.0 if is_norm_weight else 0.0)).half().float())
     model.eval()
