@@ -20,6 +20,11 @@ def precision_noise(before, after, fp32_before, fp32_after) -> torch.Tensor:
     return (torch.exp(drift) - 1).abs().max()
 
 
+def summary(name: str, scores: torch.Tensor) -> dict:
+    """{name_mean, name_std} of a batch of scores (std over the batch, as reward_std)."""
+    return {f"{name}_mean": scores.mean().item(), f"{name}_std": scores.std(correction=0).item()}
+
+
 def evaluation_points(rows: list[dict], task: str) -> list[tuple[float, dict]]:
     """(training reward, evaluation row) for each of the task's --eval-every rows that follows training: the
     training reward is the mean reward_mean of the task's training rows since the previous evaluation."""
@@ -44,9 +49,10 @@ def hacking_alarm(rows: list[dict], task: str, window: int = 3) -> list[str]:
     if len(points) < window or not points[-1][0] > points[0][0]:
         return []
     (train_first, first), (train_last, last) = points[0], points[-1]
+    watched = [key for key in last if key.startswith("eval_") and key.endswith("_mean") and key in first]
     fell = [
-        key for key in last if key.startswith("eval_") and key.endswith("_mean") and last[key] < first[key]
-    ]
+        key for key in watched if not key.startswith("eval_ema_") and last[key] < first[key]
+    ]  # live weights
     return [
         f"possible reward hacking in {task}: over the last {window} evaluations (iterations "
         f"{first['iteration']} to {last['iteration']}) the training reward rose from {train_first:.4g} to "

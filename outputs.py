@@ -411,13 +411,22 @@ def weight_sums(parameters) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def weights_swapped(parameters: list, values: list):
+def weights_swapped(parameters: list, values: list | None):
     """Inside the block the parameters hold `values` (their tensors exchanged, nothing copied), and after it
     their own again: write or load the --ema-decay average through the code that handles the weights."""
-    for p, v in zip(parameters, values, strict=True):
+    for p, v in zip(parameters, values or [], strict=bool(values)):  # values None: nothing to swap
         p.data, v.data = v.data, p.data
     try:
         yield
     finally:
-        for p, v in zip(parameters, values, strict=True):
+        for p, v in zip(parameters, values or [], strict=bool(values)):
             p.data, v.data = v.data, p.data
+
+
+def save_samples(args, iteration: int, task: str, batch):
+    """Every --sample-every iterations: OUT/samples-<iteration>-<task>.png, the first 16 samples with their
+    prompts (rank 0). Returns the grid for the tracker, or None."""
+    if args.sample_every and iteration % args.sample_every == 0:
+        grid = sample_grid(batch.images[:16], batch.prompts[:16])
+        grid.save(os.path.join(args.out, f"samples-{iteration:05d}-{task}.png"))
+        return grid

@@ -227,12 +227,16 @@ def init_processes(timeout: float) -> tuple[torch.device, int, int, bool]:
     return device, dist.get_rank(), dist.get_world_size(), True
 
 
-def load_tasks(args: Args, device, world_size: int) -> tuple[list, list]:
-    """The tasks of --rewards, their training prompts and reward models; a batch or prompt list that cannot
-    work stops here, before any model loads."""
+def load_tasks(args: Args, device, world_size: int) -> tuple[list, list, list, list]:
+    """The tasks of --rewards with their training and held-out prompts (--eval-every), the --eval-rewards
+    tasks, and their reward models; a batch or prompt list that cannot work stops here, before the UNet."""
     names = [name.strip() for name in args.rewards.split(",") if name.strip()]
     tasks = [toyworld.load_task(name, args.model, device, args.prompt_file or None) for name in names]
+    gold = [
+        toyworld.load_task(n.strip(), args.model, device) for n in args.eval_rewards.split(",") if n.strip()
+    ]
     prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
+    held_out_lists = [task.prompts(task.splits[-1], args.seed) for task in tasks] if args.eval_every else []
     for task, prompts in zip(tasks, prompt_lists, strict=True):
         group = group_size(task, args)
         if args.batch_size % group:
@@ -244,8 +248,11 @@ def load_tasks(args: Args, device, world_size: int) -> tuple[list, list]:
             raise ValueError(
                 f"task {task.name!r} has {len(prompts)} prompts for {world_size} ranks; add prompts"
             )
-        task.load()  # the reward model now: weights that cannot be fetched stop the run in seconds
-    return tasks, prompt_lists
+        if args.eval_every and not held_out_lists[tasks.index(task)]:
+            raise ValueError(f"task {task.name!r} holds out no prompts for --eval-every; add prompts")
+    for task in tasks + gold:  # the reward models now: weights that cannot be fetched stop the run in seconds
+        task.load()
+    return tasks, prompt_lists, held_out_lists, gold
 
 
 def load_model(args: Args, device, dtype: torch.dtype):
@@ -323,7 +330,7 @@ def setup(args: Args) -> Run:
     dtype = sampler.precision_dtype(args.mixed_precision, device)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    tasks, prompt_lists = load_tasks(args, device, world_size)
+    tasks, prompt_lists, held_out_lists, gold = load_tasks(args, device, world_size)
     pipe, lora_config, trainable = load_model(args, device, dtype)
     # fused: one kernel for all parameters, not a loop of small ops (a 4x faster step on CPU, tools/bench.py)
     optimizer = torch.optim.AdamW(
@@ -334,12 +341,10 @@ def setup(args: Args) -> Run:
     pretrain_data = sampler.load_pretrain_data(args.pretrain_data) if args.pretrain_data else None
     run = Run(args, device, rank, world_size, ddp, autocast, scaler, tasks, prompt_lists, pipe, model,
               lora_config, trainable, optimizer, pretrain_data)  # fmt: skip
-    if args.kl_coef and lora_config is None:  # pi_ref: the base weights, frozen (LoRA: adapters off instead)
-        run.reference = copy.deepcopy(pipe.unet).requires_grad_(False).to(dtype)
+    if args.kl_coef and lora_config is None:  # pi_ref: the base weights, frozen, in fp32 as the trained ones
+        run.reference = copy.deepcopy(pipe.unet).requires_grad_(False)  # (LoRA: its adapters switched off)
     run.ema = [p.detach().clone() for p in trainable] if args.ema_decay else None
-    run.gold = [toyworld.load_task(name.strip(), args.model, device) for name in args.eval_rewards.split(",")
-                if name.strip()]  # fmt: skip
-    run.held_out_lists = [t.prompts(t.splits[-1], args.seed) for t in tasks] if args.eval_every else []
+    run.held_out_lists, run.gold = held_out_lists, gold
     run.start = resume(run)
     if run.master:  # OUT/args.json, OUT/metrics.jsonl up to the start, the tracker
         run.track, run.close_tracker = outputs.open_logs(dataclasses.asdict(args), run.start)
@@ -376,18 +381,15 @@ def sample_batch(run: Run, task_index: int, iteration: int, held_out: bool = Fal
         torch.cuda.reset_peak_memory_stats(run.device)  # peak_memory_mb: of this task's iteration
     group = group_size(task, args)
     per_rank = args.batch_size // group  # prompts per rank
-    first = (
-        run.rank if held_out else iteration * run.world_size + run.rank
-    ) * per_rank  # place in the stream
+    place = run.rank if held_out else iteration * run.world_size + run.rank  # in the prompt stream
+    first = place * per_rank
     prompt_lists = run.held_out_lists if held_out else run.prompt_lists
     items, indices = rewards.draw_prompts(prompt_lists[task_index], first, per_rank, args.seed + task_index)
     prompts = [prompt for prompt, _ in items for _ in range(group)]
     metadata = [{**meta, "group": first + i} for i, (_, meta) in enumerate(items) for _ in range(group)]
     prompt_ids = torch.tensor([index for index in indices for _ in range(group)])
-    keys = (
-        (args.seed, 0, task_index, run.rank, 1) if held_out else (args.seed, iteration, task_index, run.rank)
-    )
-    generator = torch.Generator().manual_seed(rank_seed(*keys))
+    keys = (0, task_index, run.rank, 1) if held_out else (iteration, task_index, run.rank)  # held out: fixed
+    generator = torch.Generator().manual_seed(rank_seed(args.seed, *keys))
     with run.autocast:
         trajectories = sampler.sample(run.pipe, prompts, args.num_steps, args.guidance, args.eta, generator)
     return Batch(prompts, metadata, prompt_ids, **trajectories)
@@ -489,8 +491,8 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
         for _ in range(args.inner_epochs)
     ])  # fmt: skip
     micro = args.micro_batch or args.batch_size
-    fp32 = contextlib.nullcontext()  # precision_noise under --mixed-precision: the first chunk, in fp32 too
-    probe, mixed = slice(0, micro), not isinstance(run.autocast, contextlib.nullcontext)
+    mixed, fp32 = isinstance(run.autocast, torch.autocast), contextlib.nullcontext()
+    probe = slice(0, min(micro, 4))  # precision_noise: up to 4 samples of the first trained step, in fp32 too
     per_step, noise = [], None
     for k, j in enumerate(ddim_steps):
         run.optimizer.zero_grad(set_to_none=True)
@@ -538,17 +540,9 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
         per_step["precision_noise"] = noise = all_mean(noise).item()
         if noise > args.clip_range:
             run.warn(f"{task.name}: rounding in --mixed-precision {args.mixed_precision} moves the policy "
-                     f"ratio by {noise:.1e}, above --clip-range {args.clip_range:g}: clipping acts on noise "
-                     "(docs/training.md, 'Precision noise')")  # fmt: skip
+                     f"ratio more than --clip-range {args.clip_range:g} (precision_noise in metrics.jsonl): "
+                     "clipping acts on noise (docs/training.md, 'Precision noise')")  # fmt: skip
     return {**per_step, "ddim_steps": ddim_steps}
-
-
-def sample_grid(run: Run, task, batch: Batch, iteration: int):
-    """Every --sample-every iterations, rank 0: OUT/samples-<iteration>-<task>.png, 16 samples and prompts."""
-    if run.master and run.args.sample_every and iteration % run.args.sample_every == 0:
-        grid = outputs.sample_grid(batch.images[:16], batch.prompts[:16])
-        grid.save(os.path.join(run.args.out, f"samples-{iteration:05d}-{task.name}.png"))
-        return grid
 
 
 #### Algorithm 1, step 4: the pretraining loss L_pre ####
@@ -583,18 +577,17 @@ def pretrain_step(run: Run, iteration: int) -> dict:
 
 
 def held_out_evaluation(run: Run, iteration: int):
-    """Each task's held-out prompts (the same prompts and noise each time) under the weights, or their
-    --ema-decay average: rows with eval_reward_mean and eval_<gold>_mean (--eval-rewards), then the alarm."""
+    """Each task's held-out prompts (the same prompts and noise each time): rows with eval_reward_mean and
+    eval_<gold>_mean (--eval-rewards), eval_ema_* for the --ema-decay average, then the alarm."""
     for task_index, task in enumerate(run.tasks):
-        with outputs.weights_swapped(run.trainable, run.ema) if run.ema else contextlib.nullcontext():
-            batch = sample_batch(run, task_index, iteration, held_out=True)
-        row = {"iteration": iteration, "task": task.name, "eval_split": task.splits[-1],
-               "eval_ema": bool(run.ema)}  # fmt: skip
-        for name, scorer in [("reward", task), *[(gold.name, gold) for gold in run.gold]]:
-            scores = scorer.reward(batch.images, batch.prompts, batch.metadata)[0]
-            scores = all_gather(scores.float().to(run.device))  # (world_size * B,)
-            mean, std = scores.mean().item(), scores.std(correction=0).item()
-            row |= {f"eval_{name}_mean": mean, f"eval_{name}_std": std}
+        row = {"iteration": iteration, "task": task.name, "eval_split": task.splits[-1]}
+        for ema in [None, run.ema] if run.ema else [None]:  # the weights, then their EMA in their place
+            with outputs.weights_swapped(run.trainable, ema):
+                batch = sample_batch(run, task_index, iteration, held_out=True)
+            for scorer in [task, *run.gold]:  # the task's own reward is eval_reward_*
+                scores = scorer.reward(batch.images, batch.prompts, batch.metadata)[0]
+                name = ("eval_ema_" if ema else "eval_") + ("reward" if scorer is task else scorer.name)
+                row |= monitor.summary(name, all_gather(scores.float().to(run.device)))
         run.log(row)
         if run.master:  # the alarm reads the run's rows so far
             for warning in monitor.hacking_alarm(outputs.read_metrics(run.args.out), task.name):
@@ -666,7 +659,7 @@ def main(args: Args, run: Run | None = None):
             per_step = ppo_update(run, batch, advantages.to(run.device), task_index, iteration)
             times = [start, sampled, scored, time.time()]
             row = outputs.metrics_row(task.name, iteration, global_rewards, info, per_step, times, run.device)
-            run.log(row, sample_grid(run, task, batch, iteration))
+            run.log(row, outputs.save_samples(args, iteration, task.name, batch) if run.master else None)
             bar.set_postfix({task.name: f"{global_rewards.mean().item():.3f}"})
 
         # 4. L_pre: one step on image-caption data after the RL steps
@@ -677,7 +670,7 @@ def main(args: Args, run: Run | None = None):
         if checkpoint_or_stop(run, iteration):
             break
     else:  # all iterations done, no SIGTERM
-        if args.eval_every and args.iterations % args.eval_every == 0:
+        if args.eval_every:  # and the final weights
             held_out_evaluation(run, args.iterations)
         save_checkpoint(run, "final", args.iterations)
     bar.close()

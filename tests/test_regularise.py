@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import SMALL, metrics, run, unet_weights
+from test_train import SMALL, metrics, run, torchrun, unet_weights
 
 import monitor
 import sampler
@@ -47,10 +47,17 @@ def test_kl_with_lora_uses_the_adapters_switched_off(tmp_path):
     assert rows[0]["kl_ref_per_step"][0] == 0.0 and rows[-1]["kl_ref"] > 0
 
 
+def test_kl_is_zero_at_the_start_under_bf16_too(tmp_path):
+    """The frozen reference keeps fp32 weights like the trained UNet, so autocast rounds both alike."""
+    rows = metrics(run(tmp_path, *BRIGHT, "--iterations", "1", "--kl-coef", "1", "--mixed-precision", "bf16"))
+    assert rows[0]["kl_ref_per_step"][0] == 0.0 and rows[0]["kl_ref_per_step"][1] > 0
+
+
 def test_ema_is_saved_loads_in_diffusers_and_resumes_exactly(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    flags = [*BRIGHT, "--ema-decay", "0.5", "--save-every", "1", "--train-timesteps", "1"]  # an update a step
+    flags = [*BRIGHT, "--ema-decay", "0.5", "--save-every", "1", "--train-timesteps", "1",  # an update a step
+             "--eval-every", "3"]  # fmt: skip
     full = run(tmp_path, *flags, "--iterations", "3", name="full")
     for name in ("checkpoint-1", "checkpoint-3", "final"):
         assert os.path.isdir(os.path.join(full, name, "unet_ema")), name
@@ -68,6 +75,10 @@ def test_ema_is_saved_loads_in_diffusers_and_resumes_exactly(tmp_path):
         assert torch.equal(resumed[k], v), k
     tuned = sampler.load_pipeline("tiny", checkpoint=os.path.join(full, "final", "unet_ema"))  # evaluate.py's
     assert torch.equal(tuned.unet.state_dict()[k], v)
+    rows = [row for row in metrics(full) if "eval_reward_mean" in row]  # the live weights and their EMA
+    assert [row["iteration"] for row in rows] == [0, 3]
+    assert rows[0]["eval_ema_reward_mean"] == rows[0]["eval_reward_mean"]  # the EMA starts at the weights
+    assert rows[1]["eval_ema_reward_mean"] != rows[1]["eval_reward_mean"]
 
 
 def test_ema_of_a_lora_run_is_a_lora_folder(tmp_path):
@@ -78,6 +89,13 @@ def test_ema_of_a_lora_run_is_a_lora_folder(tmp_path):
     )
     pipe = sampler.load_pipeline("tiny", checkpoint=os.path.join(out, "final", "lora_ema"))
     assert any("lora" in name for name in pipe.unet.state_dict())
+    stock = sampler.tiny_pipeline()
+    stock.load_lora_weights(os.path.join(out, "final", "lora_ema"))  # what a diffusers user does
+    ours = {k: v for k, v in pipe.unet.state_dict().items() if "lora_A" in k}
+    theirs = {
+        k.replace(".default_0.", ".default."): v for k, v in stock.unet.state_dict().items() if "lora_A" in k
+    }
+    assert ours and all(torch.equal(theirs[k], v) for k, v in ours.items())
 
 
 def test_lr_warmup_ramps_linearly_and_resumes_exactly(tmp_path):
@@ -100,10 +118,42 @@ def test_held_out_rows_every_n_iterations_on_fixed_prompts(tmp_path):
     assert [row["iteration"] for row in rows] == [0, 2, 4]  # the base model, then every 2 iterations
     assert all(row["eval_split"] == "test" and "eval_jpeg_mean" in row for row in rows)
     assert len({row["eval_reward_mean"] for row in rows}) > 1  # the weights moved
+    uneven = run(tmp_path, *BRIGHT, "--iterations", "3", "--eval-every", "2", name="uneven")
+    evaluated = [row["iteration"] for row in metrics(uneven) if "eval_reward_mean" in row]
+    assert evaluated == [0, 2, 3]  # and the final weights
     # the same prompts and noise each time: a model that does not change scores the same
     again = run(tmp_path, *BRIGHT, "--iterations", "2", "--eval-every", "1", "--lr", "1e-12", name="still")
     still = [row["eval_reward_mean"] for row in metrics(again) if "eval_reward_mean" in row]
     assert still == pytest.approx([still[0]] * 3, rel=1e-6)
+
+
+def test_held_out_prompts_come_from_the_held_out_split_and_stay_the_same(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a photo of thing {i}\n" for i in range(40)))
+    args = train.parse_args([*SMALL, "--rewards", "jpeg", "--prompt-file", str(prompts), "--eval-every", "1",
+                             "--iterations", "1", "--out", str(tmp_path / "o")])  # fmt: skip
+    run_ = train.setup(args)
+    test = {prompt for prompt, _ in run_.tasks[0].prompts("test", 0)}
+    first, later = (train.sample_batch(run_, 0, iteration, held_out=True) for iteration in (0, 7))
+    assert set(first.prompts) <= test and first.prompts == later.prompts
+    assert torch.equal(first.latents, later.latents)  # the same noise
+    few = tmp_path / "few.txt"
+    few.write_text("a\nb\nc\nd\n")  # 10 % of 4 prompts: none held out
+    with pytest.raises(ValueError, match="holds out no prompts for --eval-every"):
+        train.setup(train.parse_args([*SMALL, "--rewards", "jpeg", "--prompt-file", str(few), "--eval-every",
+                                      "1", "--out", str(tmp_path / "p")]))  # fmt: skip
+
+
+def test_torchrun_two_ranks_with_kl_ema_and_held_out_evaluation(tmp_path):
+    out = str(tmp_path / "ddp")
+    torchrun(*SMALL, "--rewards", "brightness", "--iterations", "2", "--kl-coef", "0.1", "--ema-decay", "0.9",
+             "--eval-every", "1", "--out", out)  # fmt: skip
+    rows = metrics(out)
+    assert [row["iteration"] for row in rows if "eval_ema_reward_mean" in row] == [0, 1, 2]
+    assert all(row["samples"] == 8 and row["kl_ref"] > 0 for row in rows if "kl_ref" in row)
+    state = torch.load(os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True)
+    assert torch.equal(state["rank_checksums"][0], state["rank_checksums"][1])
+    assert os.path.isdir(os.path.join(out, "final", "unet_ema"))
 
 
 def test_the_alarm_fires_when_the_training_reward_rises_while_the_held_out_one_falls():

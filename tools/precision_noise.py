@@ -38,23 +38,25 @@ class Args:
     num_steps: int = option(50, "DDIM steps T")
     probe_steps: str = option("0,25,48", "DDIM steps probed, 0 the noisiest")
     seed: int = option(0, "seed of weights, latents and noise", at_least=0)
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
 
 
 def unet_of(model: str) -> UNet2DConditionModel:
     if model == "toy":
         return sampler.load_pipeline("toy").unet.requires_grad_(True)
     torch.manual_seed(0)
-    return UNet2DConditionModel(**SD2_UNET)
+    return UNet2DConditionModel(**SD2_UNET)  # random weights: the architecture's rounding, not SD2's values
 
 
 def measure(unet, scheduler, size: int, j: int, args: Args) -> dict:
     """One optimizer step on fresh actions at DDIM step j; the ratio of those actions in both precisions."""
     generator = torch.Generator().manual_seed(args.seed + j)
     channels, width = unet.config.in_channels, unet.config.cross_attention_dim
-    latents = torch.randn(args.batch_size, channels, size, size, generator=generator)
-    embeds = torch.randn(args.batch_size, 8, width, generator=generator)
-    timestep, autocast = scheduler.timesteps[j], torch.autocast("cpu", sampler.DTYPES[args.precision])
-    fp32 = torch.autocast("cpu", enabled=False)
+    latents = torch.randn(args.batch_size, channels, size, size, generator=generator).to(args.device)
+    embeds = torch.randn(args.batch_size, 8, width, generator=generator).to(args.device)
+    device_type = torch.device(args.device).type
+    timestep, autocast = scheduler.timesteps[j], torch.autocast(device_type, sampler.DTYPES[args.precision])
+    fp32 = torch.autocast(device_type, enabled=False)
 
     def log_prob(precision, action):
         with precision:
@@ -63,10 +65,10 @@ def measure(unet, scheduler, size: int, j: int, args: Args) -> dict:
 
     with torch.no_grad():
         _, mean, std = log_prob(autocast, latents)
-        action = mean + std * torch.randn(mean.shape, generator=generator)
+        action = mean + std * torch.randn(mean.shape, generator=generator).to(args.device)
         before, fp32_before = log_prob(autocast, action)[0], log_prob(fp32, action)[0]
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2, fused=True)
-    advantages = torch.randn(args.batch_size, generator=generator)
+    advantages = torch.randn(args.batch_size, generator=generator).to(args.device)
     ratio = torch.exp(log_prob(autocast, action)[0] - before)
     loss = torch.maximum(
         -advantages * ratio, -advantages * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
@@ -87,7 +89,7 @@ def measure(unet, scheduler, size: int, j: int, args: Args) -> dict:
 
 def main(argv=None) -> list[dict]:
     args, _ = parse(Args, __doc__, argv)
-    unet = unet_of(args.model)
+    unet = unet_of(args.model).to(args.device)
     scheduler = sampler.stable_diffusion_scheduler()
     scheduler.set_timesteps(args.num_steps)
     rows = []
