@@ -187,11 +187,46 @@ def curves_figure(runs: dict[str, dict[str, list[dict]]], panel=(300, 230), per_
         for t, (title, xlabel, series) in enumerate(row):
             box = (t * pw + left, r * ph + top, (t + 1) * pw - right, (r + 1) * ph - bottom)
             draw_panel(figure, box, title, xlabel, series, colors)
-    draw, x, y = ImageDraw.Draw(figure), 10, len(rows) * ph + 15
+    draw_legend(figure, colors, len(rows) * ph + 15)
+    return figure
+
+
+def draw_legend(figure: Image.Image, colors: dict, y: int):
+    """A line of the figure at height y: each name beside a stroke of its colour."""
+    draw, x = ImageDraw.Draw(figure), 10
     for name, color in colors.items():
         draw.line([(x, y), (x + 22, y)], color, width=3)
         draw.text((x + 28, y), name, INK, font(12), anchor="lm")
         x += 40 + int(draw.textlength(name, font(12)))
+
+
+#### Per DDIM step (python monitor.py steps RUN) ####
+
+
+def steps_figure(tables: dict[str, list[tuple[str, list[dict]]]], max_grad_norm: float, panel=(360, 250)):
+    """Per task a row of two panels against the DDIM step index (0: the noisiest): mean clipfrac, and mean
+    gradient norm before clipping with --max-grad-norm as a grey line; a line per stretch of iterations.
+    tables: {task: [(stretch name, monitor.step_table of its rows)]}."""
+    names = list(dict.fromkeys(name for stretches in tables.values() for name, _ in stretches))
+    colors = {name: COLORS[i % len(COLORS)] for i, name in enumerate(names)}
+    limit = f"--max-grad-norm {max_grad_norm:g}"
+    colors[limit] = GREY
+    pw, ph = panel
+    left, right, top, bottom, legend_height = 52, 12, 28, 40, 30
+    figure = Image.new("RGB", (2 * pw, len(tables) * ph + legend_height), "white")
+    for r, (task, stretches) in enumerate(tables.items()):
+        for c, (key, title) in enumerate([("clipfrac", "clipfrac"), ("grad_norm_mean", "gradient norm")]):
+            series = {
+                name: [(e["step"], e[key], None) for e in table if e["trained"]] for name, table in stretches
+            }
+            if key == "grad_norm_mean":  # the limit across every step of the trajectory
+                steps = [e["step"] for e in stretches[0][1]]
+                series[limit] = [(steps[0], max_grad_norm, None), (steps[-1], max_grad_norm, None)]
+            box = (c * pw + left, r * ph + top, (c + 1) * pw - right, (r + 1) * ph - bottom)
+            draw_panel(
+                figure, box, f"{task}: {title} by DDIM step", "DDIM step (0: noisiest)", series, colors
+            )
+    draw_legend(figure, colors, len(tables) * ph + 15)
     return figure
 
 
