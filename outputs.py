@@ -36,7 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 # What fixes the prompt, noise and timestep stream and the weights' format: these must match to resume.
 RUN_DEFINING = ("model", "rewards", "seed", "batch_size", "group_size", "images_per_prompt", "num_steps",
-                "train_timesteps", "inner_epochs", "lora_rank", "prompt_file")  # fmt: skip
+                "train_timesteps", "timestep_window", "timestep_weight", "inner_epochs", "lora_rank",
+                "prompt_file")  # fmt: skip
 BOOKKEEPING = ("iterations", "out", "resume", "save_every", "sample_every", "log_with", "dist_timeout",
                "keep_checkpoints")  # fmt: skip
 
@@ -368,6 +369,9 @@ def metrics_row(
     row.update({name: per_step[name].mean().item() for name in ("loss", "approx_kl", "clipfrac")})
     per_step_names = ["approx_kl", "clipfrac", "grad_norm"] + (["kl_ref"] if "kl_ref" in per_step else [])
     row.update({f"{name}_per_step": per_step[name].tolist() for name in per_step_names})
+    weights = per_step.get("timestep_weight")  # c_t of --timestep-weight; none: all 1, not logged
+    if weights is not None and not (weights == 1).all():
+        row["timestep_weight_per_step"] = weights.tolist()
     if "kl_ref" in per_step:  # --kl-coef: KL(pi_theta || pi_ref) per trained step, before each update
         row["kl_ref"] = per_step["kl_ref"].mean().item()
     if "precision_noise" in per_step:  # --mixed-precision: rounding's part of |w - 1| (monitor.py)

@@ -36,6 +36,7 @@ TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 PAPER_MODEL = "stabilityai/stable-diffusion-2-base"  # the default --model of train.py and evaluate.py
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ["auto", *DTYPES]  # --mixed-precision of train.py, evaluate.py and tools/bench.py
+STEP_WEIGHTS = ["none", "sensitivity"]  # --timestep-weight of train.py (step_weights)
 
 
 def precision_dtype(mixed_precision: str, device) -> torch.dtype:
@@ -146,6 +147,55 @@ def ddim_step_with_logprob(
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         prev_sample = mean + std_dev_t * noise
     return prev_sample.to(sample.dtype), gaussian_log_prob(prev_sample, mean, std_dev_t)
+
+
+#### Which DDIM steps train.py trains, and their weights ####
+
+
+def timestep_window(spec: str, num_steps: int, train_timesteps: int = 1) -> range:
+    """The DDIM step indices j of --timestep-window LO:HI: LO <= j < HI in sampling order (0: the first,
+    noisiest step); an end left out is 0 or num_steps, so ':' is every step (the paper's Algorithm 1). A spec
+    that is not LO:HI, an empty window, one outside 0:num_steps, or one with fewer than train_timesteps
+    steps is a ValueError whose one line names the flag and the valid range."""
+    lo, colon, hi = spec.partition(":")
+    try:
+        window = range(int(lo or 0), int(hi or num_steps)) if colon else range(0)
+    except ValueError:
+        window = range(0)
+    if not window or window.start < 0 or window.stop > num_steps:
+        raise ValueError(f"--timestep-window {spec!r} must be LO:HI with 0 <= LO < HI <= {num_steps} "
+                         f"(--num-steps); ':' or 0:{num_steps} trains every step")  # fmt: skip
+    if train_timesteps > len(window):
+        raise ValueError(f"--train-timesteps ({train_timesteps}) must be between 1 and {len(window)}, the "
+                         f"DDIM steps of --timestep-window {window.start}:{window.stop} of --num-steps "
+                         f"{num_steps}")  # fmt: skip
+    return window
+
+
+def step_weights(
+    scheduler: DDIMScheduler, timesteps: torch.Tensor, eta: float = 1.0, weighting: str = "none"
+) -> torch.Tensor:
+    """c_t of --timestep-weight for each of the T DDIM steps, (T,) float32. The clipped surrogate takes the
+    policy ratio of step t as w~_t = exp(c_t log w_t) = w_t^c_t:
+        none          c_t = 1                                            the paper's ratio, bit for bit
+        sensitivity   c_t = (sigma_t / |k_t|) / mean_s (sigma_s / |k_s|)   mean over the T steps: c averages 1
+    sigma_t of Eq. 16, and k_t = d mu / d(UNet output), the weight of the network's prediction in the step's
+    mean (Eq. 12, linear in it for epsilon- and v-prediction).
+    Why: an update changes the output by some e, hence the mean by k_t e; for an action x = mu_old +
+    sigma_t z the log-ratio is then log w_t = mean(k_t e z) / sigma_t - mean((k_t e)^2) / (2 sigma_t^2), so
+    step t's ratio, its clipping and its gradient A c_t grad log p (at w = 1) answer the same change of the
+    output |k_t| / sigma_t times as strongly. With SD's schedule at T = 10 that factor is 0.97-1.32 at every
+    step but step 8 (t = 101 -> 1: a long jump with little noise), where it is 8.3: the step whose clipfrac
+    is ~1 and whose gradient norm is 7-26 against < 0.4 elsewhere. Step 9 has the smallest sigma_t but a
+    factor of 1.0, which is why c_t is not sigma_t alone (that would all but stop training step 9). With
+    these c_t, log w~_t ~ sign(k_t) mean(e z) / mean_s(sigma_s / |k_s|): every step answers alike."""
+    if weighting == "none":
+        return torch.ones(len(timesteps))
+    zeros, ones = torch.zeros(len(timesteps), 1), torch.ones(len(timesteps), 1)  # (T, 1): one "pixel" a step
+    mean_at_zero, sigma = ddim_step_mean(scheduler, zeros, timesteps, zeros, eta)
+    k = ddim_step_mean(scheduler, ones, timesteps, zeros, eta)[0] - mean_at_zero  # mu is linear in the output
+    inverse_sensitivity = (sigma / k.abs()).flatten()  # sigma_t / |k_t|
+    return inverse_sensitivity / inverse_sensitivity.mean()
 
 
 #### Loading a pipeline ####

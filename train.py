@@ -58,6 +58,10 @@ class Args:
     guidance: float = option(7.0, "classifier-free guidance scale (paper: 7.0)")
     train_timesteps: int = option(5, "DDIM steps trained per iteration, one optimizer step each (paper: 5)",
                                   at_least=1)
+    timestep_window: str = option(":", "LO:HI: train only DDIM steps LO <= j < HI, 0 the noisiest; an end "
+                                       "left out is 0 or --num-steps (':' every step, the paper)")
+    timestep_weight: str = option("none", "c_t times step t's log-ratio (none: 1, the paper); sensitivity: "
+                                          "c_t ~ sigma_t / |d mu/d output|", choices=sampler.STEP_WEIGHTS)
     inner_epochs: int = option(1, "passes over each batch, each with fresh --train-timesteps steps "
                                   "(DDPO's num_inner_epochs; paper: 1)", at_least=1)
     clip_range: float = option(1e-4, "PPO clip epsilon (paper: 1e-4)", above=0)
@@ -105,8 +109,11 @@ class Args:
 
 def parse_args(argv=None) -> Args:
     args, parser = parse(Args, __doc__, argv)  # each field's bounds are checked there
-    if args.train_timesteps > args.num_steps:
-        parser.error(f"--train-timesteps must be between 1 and --num-steps ({args.num_steps})")
+    try:  # canonical LO:HI, so that --resume compares windows, not spellings
+        window = sampler.timestep_window(args.timestep_window, args.num_steps, args.train_timesteps)
+        args.timestep_window = f"{window.start}:{window.stop}"
+    except ValueError as error:  # not LO:HI, empty, outside 0:--num-steps, fewer steps than K
+        parser.error(str(error))
     if args.micro_batch and args.batch_size % args.micro_batch:
         parser.error(
             f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch ({args.micro_batch})"
@@ -415,14 +422,14 @@ def global_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, args: Arg
 #### Algorithm 1, step 3: K clipped policy-gradient steps ####
 
 
-def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range: float) -> tuple[torch.Tensor, ...]:
-    """Eq. 4, the loss to minimise: mean of max(-A w, -A clip(w, 1 - eps, 1 + eps)) with the policy ratio
-    w = p_theta / p_theta_old. Returns it and log w (B,)."""
+def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range: float, weight=1.0) -> tuple:
+    """Eq. 4, the loss to minimise: mean of max(-A w, -A clip(w, 1 - eps, 1 + eps)), w = p_theta / p_theta_old
+    raised to the step's --timestep-weight c_t (1: the paper). Returns it, log w and w^c_t, each (B,)."""
     log_ratio = log_prob - old_log_prob
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(weight * log_ratio)  # log w~ = c_t log w (sampler.step_weights)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(pg_loss1, pg_loss2).mean(), log_ratio
+    return torch.maximum(pg_loss1, pg_loss2).mean(), log_ratio, ratio
 
 
 def optimizer_step(run: Run, what: str) -> tuple[torch.Tensor, bool]:
@@ -479,21 +486,23 @@ def probe_log_prob(run: Run, batch: Batch, rows: slice, j: int, precision) -> to
 
 
 def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int, iteration: int) -> dict:
-    """--train-timesteps of the T DDIM steps, drawn without replacement (afresh for each of --inner-epochs
-    passes); for each, ONE optimizer step of the clipped surrogate over the whole batch, in --micro-batch
-    chunks. Returns {name: (K,) tensor} of STEP_STATS averaged over ranks, and "ddim_steps", in training
-    order. The UNet stays in eval mode (it has no dropout): sampling and training compute the same function,
-    so w = 1 exactly at the first trained step."""
+    """--train-timesteps of the --timestep-window's DDIM steps (all T by default), drawn without replacement
+    (afresh for each of --inner-epochs passes); for each, ONE optimizer step of the clipped surrogate over the
+    whole batch, in --micro-batch chunks. Returns {name: (K,) tensor} of STEP_STATS averaged over ranks,
+    "ddim_steps" and their "timestep_weight", in training order. The UNet stays in eval mode (no dropout):
+    sampling and training compute the same function, so w = 1 exactly at the first trained step."""
     args, task = run.args, run.tasks[task_index]
     step_order = np.random.default_rng([args.seed, iteration, task_index])
+    window = sampler.timestep_window(args.timestep_window, args.num_steps)  # --timestep-window LO:HI
     ddim_steps = np.concatenate([
-        step_order.choice(args.num_steps, size=args.train_timesteps, replace=False)
+        window.start + step_order.choice(len(window), size=args.train_timesteps, replace=False)
         for _ in range(args.inner_epochs)
     ])  # fmt: skip
     micro = args.micro_batch or args.batch_size
     mixed, fp32 = isinstance(run.autocast, torch.autocast), contextlib.nullcontext()
     probe = slice(0, min(micro, 4))  # precision_noise: up to 4 samples of the first trained step, in fp32 too
     per_step, noise = [], None
+    weights = sampler.step_weights(run.pipe.scheduler, batch.timesteps, args.eta, args.timestep_weight)
     for k, j in enumerate(ddim_steps):
         run.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=run.device)
@@ -507,9 +516,8 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
                 ref_mean = reference_mean(run, batch, rows, j) if args.kl_coef else None
             # log p_theta(x_{t-1} | x_t, c) of the stored action: (micro,)
             log_prob = sampler.gaussian_log_prob(batch.latents[rows, j + 1], mean, std)
-            loss, log_ratio = clipped_surrogate(
-                log_prob, batch.log_probs[rows, j], advantages[rows], args.clip_range
-            )
+            loss, log_ratio, ratio = clipped_surrogate(log_prob, batch.log_probs[rows, j], advantages[rows],
+                                                       args.clip_range, weights[j])  # fmt: skip
             if args.kl_coef:  # + beta * KL(pi_theta || pi_ref) (0: the paper's loss)
                 kl = sampler.gaussian_kl(mean, ref_mean, std)  # (micro,)
                 loss = loss + args.kl_coef * kl.mean()
@@ -517,7 +525,7 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
             share = len(log_ratio) / args.batch_size  # this chunk's part of the batch mean
             run.scaler.scale(loss * share).backward()
             log_ratio = log_ratio.detach()
-            off = (torch.exp(log_ratio) - 1).abs()  # |w - 1|
+            off = (ratio.detach() - 1).abs()  # |w - 1| of the ratio that is clipped (w^c_t)
             stats["loss"] = stats["loss"] + share * loss.detach()
             stats["approx_kl"] = stats["approx_kl"] + share * (0.5 * (log_ratio**2).mean())  # as DDPO
             stats["clipfrac"] = stats["clipfrac"] + share * (off > args.clip_range).float().mean()
@@ -542,7 +550,7 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
             run.warn(f"{task.name}: rounding in --mixed-precision {args.mixed_precision} moves the policy "
                      f"ratio more than --clip-range {args.clip_range:g} (precision_noise in metrics.jsonl): "
                      "clipping acts on noise (docs/training.md, 'Precision noise')")  # fmt: skip
-    return {**per_step, "ddim_steps": ddim_steps}
+    return {**per_step, "ddim_steps": ddim_steps, "timestep_weight": weights[ddim_steps]}
 
 
 #### Algorithm 1, step 4: the pretraining loss L_pre ####
