@@ -103,7 +103,7 @@ def today_s_clipped_surrogate(log_prob, old_log_prob, advantages, clip_range, we
 def test_timestep_weight_none_is_today_s_loss_bit_for_bit(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     old, advantages = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
-    weights = sampler.step_weights(sampler.stable_diffusion_scheduler(), torch.arange(10), "none")
+    weights = sampler.step_weights(sampler.stable_diffusion_scheduler(), torch.arange(10), weighting="none")
     losses, grads = [], []
     for surrogate, weight in [(today_s_clipped_surrogate, None), (train.clipped_surrogate, weights[3])]:
         log_prob = (old + 0.01 * torch.randn(64, generator=torch.Generator().manual_seed(1))).requires_grad_()
