@@ -89,8 +89,8 @@ AB_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "
 class Args:
     model: str = option(
         sampler.PAPER_MODEL,
-        'base model: a hub id or a diffusers folder (the paper\'s: SD2 base), "toy" (the toy world, '
-        'offline) or "tiny" (random weights)',
+        'base model: a hub id or a diffusers folder of SD 1.x / 2.x (the paper\'s: SD2 base) or SDXL, "toy" '
+        '(the toy world, offline) or "tiny" / "tiny-xl" (random weights)',
     )
     checkpoint: list[str] = option(
         None,
@@ -308,10 +308,10 @@ def checkpoint_fingerprint(checkpoint: str | None) -> list:
 
 def model_fingerprint(model: str) -> str | list:
     """The base model in the image cache key: a local folder (the toy model's for "toy") by its name and its
-    files' fingerprint, so re-pretraining it or changing its weights invalidates its images; "tiny" (built
-    in code) and hub ids by their name."""
+    files' fingerprint, so re-pretraining it or changing its weights invalidates its images; "tiny" and
+    "tiny-xl" (built in code) and hub ids by their name."""
     folder = sampler.TOY_MODEL_DIR if model == "toy" else model
-    if model == "tiny" or not os.path.isdir(folder):
+    if model in ("tiny", "tiny-xl") or not os.path.isdir(folder):
         return model
     return [model, checkpoint_fingerprint(folder)]
 

@@ -24,13 +24,15 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-model")
 PAPER_MODEL = "stabilityai/stable-diffusion-2-base"  # the default --model of train.py and evaluate.py
@@ -211,25 +213,23 @@ def _tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_pipeline() -> StableDiffusionPipeline:
-    """Stable Diffusion's components with random weights, built in code (no download): 32x32
-    images, 4x8x8 latents. The same seed gives the same weights on every rank."""
-    torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+def _tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
-    unet = UNet2DConditionModel(
+
+
+def _tiny_unet(cross_attention_dim: int = 32, **sdxl) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -237,11 +237,15 @@ def tiny_pipeline() -> StableDiffusionPipeline:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
+        **sdxl,
     )
-    vae = AutoencoderKL(
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -252,7 +256,39 @@ def tiny_pipeline() -> StableDiffusionPipeline:
         norm_num_groups=8,
         sample_size=32,
     )
-    return assemble_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def tiny_pipeline() -> StableDiffusionPipeline:
+    """Stable Diffusion's components with random weights, built in code (no download): 32x32
+    images, 4x8x8 latents. The same seed gives the same weights on every rank."""
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    unet = _tiny_unet()
+    return assemble_pipeline(_tiny_vae(), text_encoder, tokenizer, unet)
+
+
+def tiny_xl_pipeline() -> StableDiffusionXLPipeline:
+    """SDXL's components with random weights, built in code as tiny_pipeline (32x32 images): two text
+    encoders whose penultimate hidden states are concatenated (32 + 32 = cross_attention_dim 64), the
+    second's pooled projection (32), and a UNet with SDXL's added "text_time" embedding of the pooled
+    text and the 6 size / crop ids (6 * 8 + 32 = 80 inputs), as stabilityai/stable-diffusion-xl-base-1.0."""
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer))
+    unet = _tiny_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32)  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=stable_diffusion_scheduler(),
+        add_watermarker=False,
+    )
 
 
 def stable_diffusion_scheduler(**overrides) -> DDIMScheduler:
@@ -279,12 +315,12 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Sta
 def check_model(model: str) -> None:
     """Refuse in seconds a --model that cannot load: not 'toy' or 'tiny', not a local folder, not in this
     machine's hub cache, and the hub cannot be reached or has no such repository."""
-    if model in ("toy", "tiny") or os.path.isdir(model):
+    if model in ("toy", "tiny", "tiny-xl") or os.path.isdir(model):
         return
     if os.path.isabs(model) or model.startswith(".") or model.count("/") > 1:  # a path, not a hub id
         raise FileNotFoundError(
             f"could not load --model {model}: no such folder; pass a diffusers folder (with model_index.json)"
-            f", a hub id such as {PAPER_MODEL}, 'toy' or 'tiny'"
+            f", a hub id such as {PAPER_MODEL}, 'toy', 'tiny' or 'tiny-xl'"
         )
     import huggingface_hub
 
@@ -302,16 +338,17 @@ def check_model(model: str) -> None:
 
 def load_pipeline(
     model: str, device="cpu", dtype: torch.dtype = torch.float32, checkpoint: str | None = None
-) -> StableDiffusionPipeline:
-    """A Stable Diffusion 1.x / 2.x pipeline with a DDIMScheduler built from its own scheduler config.
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A Stable Diffusion 1.x / 2.x or SDXL pipeline with a DDIMScheduler built from its own scheduler config.
 
-    model: "tiny" (random weights, built in code), "toy" (the toy world's pretrained model in
+    model: "tiny" / "tiny-xl" (random weights, built in code), "toy" (the toy world's pretrained model in
     data/toy-model), a local diffusers folder, or a Hugging Face id such as
-    "stabilityai/stable-diffusion-2-base". checkpoint: a folder written by train.py whose UNet (or
+    "stabilityai/stable-diffusion-2-base" or "stabilityai/stable-diffusion-xl-base-1.0" (its
+    model_index.json says which family it is). checkpoint: a folder written by train.py whose UNet (or
     LoRA adapter) replaces the base model's. Every module is frozen and in eval mode.
     """
-    if model == "tiny":
-        pipe = tiny_pipeline()
+    if model in ("tiny", "tiny-xl"):
+        pipe = tiny_pipeline() if model == "tiny" else tiny_xl_pipeline()
     else:
         path = TOY_MODEL_DIR if model == "toy" else model
         if model == "toy" and not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -319,27 +356,36 @@ def load_pipeline(
                 f"the toy model is missing from {path}; run `python toyworld.py pretrain`"
             )
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+            if DiffusionPipeline.load_config(path)["_class_name"].startswith("StableDiffusionXL"):
+                pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, add_watermarker=False)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, dtype=dtype, safety_checker=None, requires_safety_checker=False
+                )
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"could not load a Stable Diffusion pipeline from {model!r}: it is not a local folder with a "
                 f"model_index.json and loading it as a Hugging Face id failed ({error}). Pass a diffusers "
                 "folder, a hub id such as 'stabilityai/stable-diffusion-2-base' (needs network or a cached "
-                "copy), 'toy' or 'tiny'."
+                "copy), 'toy', 'tiny' or 'tiny-xl'."
             ) from error
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if checkpoint is not None:
         load_checkpoint_weights(pipe, checkpoint)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in pipe.components.values():  # UNet, VAE, the text encoder(s)
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
     return pipe.to(device) if pipe.unet.dtype == dtype else pipe.to(device, dtype)
 
 
-def load_checkpoint_weights(pipe: StableDiffusionPipeline, checkpoint: str, ema: bool = False) -> None:
+def is_sdxl(pipe) -> bool:
+    """SDXL conditions its UNet on two text encoders, their pooled text embedding and size / crop ids."""
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def load_checkpoint_weights(pipe, checkpoint: str, ema: bool = False) -> None:
     """Replace the pipeline's UNet weights by a train.py checkpoint's: `unet/` (full fine-tune, diffusers
     layout) or `lora/` (a LoRA adapter, added to the UNet unless it has one); with ema, their --ema-decay
     average `unet_ema/` or `lora_ema/`. `checkpoint` may also be one of these folders itself."""
@@ -402,11 +448,18 @@ def load_lora_weights(unet, folder: str) -> None:
 
 
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], negative_prompt: str = ""):
-    """Text embeddings of the prompts and of the negative prompt, each (B, L, D)."""
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+def encode_prompts(pipe, prompts: list[str], negative_prompt: str = "") -> dict[str, torch.Tensor]:
+    """The UNet's conditioning `cond` of the prompts and of the negative prompt, every tensor batch-first
+    (B, ...), under the names of diffusers' pipelines:
+        prompt_embeds, negative_prompt_embeds         (B, L, D)  the text encoder's last hidden states
+    SDXL (is_sdxl) has two text encoders and two more inputs:
+        prompt_embeds, negative_prompt_embeds         (B, L, D1 + D2)  both encoders' penultimate states
+        pooled_prompt_embeds, negative_pooled_...     (B, P)  text_encoder_2's pooled, projected output
+        add_time_ids                                  (B, 6)  original size, crop top-left, target size
+    As stock StableDiffusionXLPipeline without a negative prompt, SDXL's empty negative prompt is all zeros
+    (force_zeros_for_empty_prompt)."""
 
-    def encode(texts: list[str]) -> torch.Tensor:
+    def encode(texts: list[str], tokenizer, text_encoder):
         ids = tokenizer(
             texts,
             padding="max_length",
@@ -414,31 +467,71 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], negative_p
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return text_encoder(ids.to(text_encoder.device))[0]
+        return text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
 
-    prompt_embeds = encode(list(prompts))
-    negative_prompt_embeds = encode([negative_prompt]).expand_as(prompt_embeds)
-    return prompt_embeds, negative_prompt_embeds
+    if not is_sdxl(pipe):  # SD 1.x / 2.x: one text encoder's last hidden states
+
+        def embed(texts: list[str]) -> torch.Tensor:
+            return encode(texts, pipe.tokenizer, pipe.text_encoder).last_hidden_state
+
+        prompt_embeds, negative_prompt_embeds = embed(list(prompts)), embed([negative_prompt])
+        return {"prompt_embeds": prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds.expand_as(prompt_embeds)}  # fmt: skip
+
+    # SDXL: both encoders' penultimate hidden states side by side, and the second's pooled projection
+    def encode_xl(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        first = encode(texts, pipe.tokenizer, pipe.text_encoder)
+        second = encode(texts, pipe.tokenizer_2, pipe.text_encoder_2)
+        return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+
+    prompt_embeds, pooled = encode_xl(list(prompts))
+    if negative_prompt == "" and pipe.config.force_zeros_for_empty_prompt:
+        negative_prompt_embeds, negative_pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+    else:
+        negative_prompt_embeds, negative_pooled = (x.expand(len(prompts), *x.shape[1:])
+                                                   for x in encode_xl([negative_prompt]))  # fmt: skip
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the image side we sample at
+    add_time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pooled.device, dtype=pooled.dtype)
+    return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled,
+            "add_time_ids": add_time_ids.expand(len(prompts), 6)}  # fmt: skip
 
 
-def predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance: float):
+def unet_conditioning(cond: dict[str, torch.Tensor], guidance: float, dtype: torch.dtype) -> dict:
+    """The UNet's keyword arguments for the batch [unconditional; conditional] of classifier-free guidance
+    (the conditional half alone at w = 1), from encode_prompts' `cond`. SD passes the text embeddings;
+    SDXL adds its added_cond_kwargs, pooled text embedding and size / crop ids, for each half likewise."""
+
+    def halves(negative: str, positive: str) -> torch.Tensor:
+        both = cond[positive] if guidance == 1.0 else torch.cat([cond[negative], cond[positive]])
+        return both.to(dtype)
+
+    kwargs = {"encoder_hidden_states": halves("negative_prompt_embeds", "prompt_embeds")}
+    if "add_time_ids" in cond:  # SDXL
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": halves("negative_pooled_prompt_embeds", "pooled_prompt_embeds"),
+            "time_ids": halves("add_time_ids", "add_time_ids"),
+        }
+    return kwargs
+
+
+def predict_noise(unet, latents, timestep, cond: dict[str, torch.Tensor], guidance: float):
     """Classifier-free guidance with ONE batched UNet call for the unconditional and conditional halves:
     eps = eps_uncond + w * (eps_cond - eps_uncond). Returns float32 (B, C, h, w)."""
     dtype = next(unet.parameters()).dtype  # works for a bare, DDP- or peft-wrapped UNet
     x = latents.to(dtype)
     if guidance == 1.0:  # w = 1 is the plain conditional model: one half suffices
-        return unet(x, timestep, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+        return unet(x, timestep, **unet_conditioning(cond, guidance, dtype)).sample.float()
     timestep = torch.as_tensor(timestep, device=x.device)
     timestep = timestep.repeat(2) if timestep.ndim == 1 else timestep
-    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype)
     eps_uncond, eps_cond = (
-        unet(torch.cat([x, x]), timestep, encoder_hidden_states=embeds).sample.float().chunk(2)
+        unet(torch.cat([x, x]), timestep, **unet_conditioning(cond, guidance, dtype)).sample.float().chunk(2)
     )
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
 @torch.no_grad()
-def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to images (B, 3, H, W) in [0, 1], float32."""
     vae = pipe.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
@@ -447,7 +540,7 @@ def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def sample(
-    pipe: StableDiffusionPipeline,
+    pipe,
     prompts: list[str],
     num_steps: int = 50,
     guidance: float = 7.0,
@@ -464,13 +557,14 @@ def sample(
         latents    (B, T+1, C, h, w)  x_T ... x_0, float32
         log_probs  (B, T)         log pi(x_{t-1} | x_t, c) of each action, float32
         timesteps  (T,)
-        prompt_embeds, negative_prompt_embeds  (B, L, D)
+        cond       the UNet's conditioning of each sample (encode_prompts): what training needs to
+                   recompute the same step, SD's or SDXL's
     """
     if len(prompts) == 0:
         raise ValueError("sample() needs at least one prompt")
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
-    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts, negative_prompt)
+    cond = encode_prompts(pipe, prompts, negative_prompt)
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps  # (T,)
 
@@ -480,7 +574,7 @@ def sample(
     latents = latents * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
-        noise_pred = predict_noise(unet, latents, t, prompt_embeds, negative_prompt_embeds, guidance)
+        noise_pred = predict_noise(unet, latents, t, cond, guidance)
         latents, log_prob = ddim_step_with_logprob(
             scheduler, noise_pred, t, latents, eta, generator=generator
         )
@@ -492,8 +586,7 @@ def sample(
         "latents": torch.stack(all_latents, dim=1),  # (B, T+1, C, h, w)
         "log_probs": torch.stack(all_log_probs, dim=1),  # (B, T)
         "timesteps": timesteps,  # (T,)
-        "prompt_embeds": prompt_embeds,
-        "negative_prompt_embeds": negative_prompt_embeds,
+        "cond": cond,  # {name: (B, ...)}
     }
 
 
@@ -502,15 +595,14 @@ def step_mean(
     scheduler: DDIMScheduler,
     latents: torch.Tensor,
     timestep,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
+    cond: dict[str, torch.Tensor],
     guidance: float = 7.0,
     eta: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mu_theta(x_t, c) and sigma_t of the policy's step at stored states under the CURRENT UNet (which may
     be wrapped in DDP or peft), with gradients and classifier-free guidance recomputed. The scheduler must
-    hold the timesteps the trajectory was sampled with (set_timesteps)."""
-    noise_pred = predict_noise(unet, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance)
+    hold the timesteps the trajectory was sampled with (set_timesteps); cond: the trajectory's rows."""
+    noise_pred = predict_noise(unet, latents, timestep, cond, guidance)
     return ddim_step_mean(scheduler, noise_pred, timestep, latents, eta)
 
 
@@ -520,16 +612,13 @@ def step_log_prob(
     latents: torch.Tensor,
     next_latents: torch.Tensor,
     timestep,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
+    cond: dict[str, torch.Tensor],
     guidance: float = 7.0,
     eta: float = 1.0,
 ) -> torch.Tensor:
     """log pi_theta(x_{t-1} | x_t, c) of stored transitions under the current UNet (step_mean): the PPO
     ratio's numerator. Returns (B,)."""
-    mean, std = step_mean(
-        unet, scheduler, latents, timestep, prompt_embeds, negative_prompt_embeds, guidance, eta
-    )
+    mean, std = step_mean(unet, scheduler, latents, timestep, cond, guidance, eta)
     return gaussian_log_prob(next_latents, mean, std)
 
 
@@ -584,10 +673,10 @@ def pretrain_loss(
         # drawn last, so the noise and timesteps are the same whatever uncond_prob is
         drop = torch.rand(len(captions), generator=generator) < uncond_prob
         captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
-        prompt_embeds, _ = encode_prompts(pipe, captions)
+        cond = encode_prompts(pipe, captions)
     timesteps = timesteps.to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
     is_v = pipe.scheduler.config.prediction_type == "v_prediction"
     target = pipe.scheduler.get_velocity(latents, noise, timesteps) if is_v else noise
-    pred = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.float()).sample.float()
+    pred = unet(noisy, timesteps, **unet_conditioning(cond, 1.0, torch.float32)).sample.float()
     return torch.nn.functional.mse_loss(pred, target)

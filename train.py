@@ -41,8 +41,9 @@ from flags import option, parse
 # fmt: off
 @dataclass
 class Args:
-    model: str = option(sampler.PAPER_MODEL, "a hub id or a diffusers folder (the paper's: "
-                        "SD2 base), 'toy' (the toy world, ships with the repo, offline) or 'tiny' (random)")
+    model: str = option(sampler.PAPER_MODEL, "a hub id or a diffusers folder of SD 1.x / 2.x (the paper's: "
+                        "SD2 base) or SDXL, 'toy' (the toy world, ships with the repo, offline) or 'tiny' / "
+                        "'tiny-xl' (random)")
     rewards: str = option("pref,skin,comp", "comma list of tasks trained jointly")
     prompt_file: str = option("", "text file of prompts, one per line, for pref and the weight-free rewards")
     iterations: int = option(1000, "RL iterations (paper: about 1000)", at_least=1)
@@ -266,7 +267,9 @@ def load_model(args: Args, device, dtype: torch.dtype):
     """(pipe, lora_config, trainable parameters). The trained UNet loads and stays in fp32 (loading it in bf16
     first would round the base weights); the frozen text encoder and VAE run in the inference dtype."""
     pipe = sampler.load_pipeline(args.model, device=device)
-    pipe.text_encoder.to(dtype)
+    for text_encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL has two
+        if text_encoder is not None:
+            text_encoder.to(dtype)
     torch.nn.Module.to(pipe.vae, dtype)  # torch's .to: diffusers' warns of fp32 modules this VAE lacks
     unet, lora_config = pipe.unet, None
     if args.lora_rank > 0:
@@ -375,8 +378,7 @@ class Batch:
     latents: torch.Tensor  # (B, T+1, C, h, w): x_T .. x_0, float32
     log_probs: torch.Tensor  # (B, T) log p_theta_old(x_{t-1} | x_t, c) of each action, float32
     timesteps: torch.Tensor  # (T,)
-    prompt_embeds: torch.Tensor  # (B, L, D)
-    negative_prompt_embeds: torch.Tensor  # (B, L, D)
+    cond: dict[str, torch.Tensor]  # {name: (B, ...)} the UNet's conditioning, SD's or SDXL's (encode_prompts)
 
 
 def sample_batch(run: Run, task_index: int, iteration: int, held_out: bool = False) -> Batch:
@@ -458,9 +460,9 @@ STEP_STATS = ("loss", "approx_kl", "clipfrac", "ratio_error", "kl_ref", "skipped
 
 def policy(run: Run, unet, batch: Batch, rows: slice, j: int) -> tuple[torch.Tensor, torch.Tensor]:
     """pi(. | x_t, c) = N(mean, std^2 I) of `unet` at the stored states `rows` of DDIM step j."""
-    return sampler.step_mean(unet, run.pipe.scheduler, batch.latents[rows, j], batch.timesteps[j],
-                             batch.prompt_embeds[rows], batch.negative_prompt_embeds[rows], run.args.guidance,
-                             run.args.eta)  # fmt: skip
+    cond = {name: value[rows] for name, value in batch.cond.items()}
+    return sampler.step_mean(unet, run.pipe.scheduler, batch.latents[rows, j], batch.timesteps[j], cond,
+                             run.args.guidance, run.args.eta)  # fmt: skip
 
 
 @torch.no_grad()

@@ -121,7 +121,7 @@ def test_sample_shapes_and_images(pipe):
     assert out["latents"].shape == (3, 7, 4, 8, 8)
     assert out["log_probs"].shape == (3, 6) and out["log_probs"].dtype == torch.float32
     assert out["timesteps"].shape == (6,)
-    assert out["prompt_embeds"].shape == out["negative_prompt_embeds"].shape
+    assert out["cond"]["prompt_embeds"].shape == out["cond"]["negative_prompt_embeds"].shape
 
 
 def test_sample_uses_one_batched_unet_call_per_step(pipe):
@@ -135,12 +135,12 @@ def test_sample_uses_one_batched_unet_call_per_step(pipe):
 
 
 def test_guidance_combines_conditional_and_unconditional(pipe):
-    cond, uncond = sampler.encode_prompts(pipe, ["a red cat"])
+    cond = sampler.encode_prompts(pipe, ["a red cat"])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(500)
     with torch.no_grad():
-        eps_c = pipe.unet(x, t, encoder_hidden_states=cond).sample
-        eps_u = pipe.unet(x, t, encoder_hidden_states=uncond).sample
-        guided = sampler.predict_noise(pipe.unet, x, t, cond, uncond, guidance=7.0)
+        eps_c = pipe.unet(x, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+        eps_u = pipe.unet(x, t, encoder_hidden_states=cond["negative_prompt_embeds"]).sample
+        guided = sampler.predict_noise(pipe.unet, x, t, cond, guidance=7.0)
     torch.testing.assert_close(guided, eps_u + 7.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
 
 
@@ -172,8 +172,7 @@ def test_recomputed_log_probs_give_ratio_one_at_every_step(pipe):
                     latents[rows, j],
                     latents[rows, j + 1],
                     t,
-                    out["prompt_embeds"][rows],
-                    out["negative_prompt_embeds"][rows],
+                    {name: value[rows] for name, value in out["cond"].items()},
                 )
             ratio = torch.exp(new - log_probs[rows, j])
             torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
@@ -190,8 +189,7 @@ def test_step_log_prob_has_gradients_wrt_unet(pipe):
             out["latents"][:, 1],
             out["latents"][:, 2],
             t,
-            out["prompt_embeds"],
-            out["negative_prompt_embeds"],
+            out["cond"],
         )
         log_prob.sum().backward()
         grads = [p.grad for p in pipe.unet.parameters() if p.grad is not None]

@@ -167,14 +167,15 @@ def run_train(argv: list[str]) -> list[dict]:
 
 
 def unet_inputs(pipe, args: BenchArgs):
-    """The UNet's inputs in sampling and training: CFG doubles the batch (one batched call)."""
+    """The UNet's inputs in sampling and training: CFG doubles the batch (one batched call). The text
+    conditioning is keyword arguments (SD's text embeddings; SDXL's add its pooled embedding and size ids)."""
     cfg = 1 if args.guidance == 1.0 else 2
-    prompt_embeds, _ = sampler.encode_prompts(pipe, ["a photo of a cat"] * (cfg * args.batch_size))
+    cond = sampler.encode_prompts(pipe, ["a photo of a cat"] * (cfg * args.batch_size))
     unet = pipe.unet
     size = unet.config.sample_size
     latents = torch.randn(cfg * args.batch_size, unet.config.in_channels, size, size, device=unet.device)
     timestep = torch.tensor(pipe.scheduler.config.num_train_timesteps // 2, device=unet.device)
-    return latents.to(unet.dtype), timestep, prompt_embeds.to(unet.dtype)
+    return latents.to(unet.dtype), timestep, sampler.unet_conditioning(cond, 1.0, unet.dtype)
 
 
 #### 1. Sampler overhead: sample() vs a bare diffusers DDIM loop ####
@@ -185,14 +186,14 @@ def bare_ddim_loop(pipe, prompts: list[str], num_steps: int, guidance: float, et
     """What a user would write without RL: the same UNet calls and diffusers' DDIMScheduler.step, no
     log-probs, no stored trajectory."""
     unet, scheduler = pipe.unet, pipe.scheduler
-    prompt_embeds, negative_prompt_embeds = sampler.encode_prompts(pipe, prompts)
+    cond = sampler.encode_prompts(pipe, prompts)
     scheduler.set_timesteps(num_steps, device=unet.device)
     size = unet.config.sample_size
     shape = (len(prompts), unet.config.in_channels, size, size)
     latents = randn_tensor(shape, generator=generator, device=unet.device, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        noise_pred = sampler.predict_noise(unet, latents, t, prompt_embeds, negative_prompt_embeds, guidance)
+        noise_pred = sampler.predict_noise(unet, latents, t, cond, guidance)
         latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator).prev_sample
     return sampler.decode(pipe, latents)
 
@@ -224,17 +225,17 @@ def floor_calls(pipe, args: BenchArgs) -> dict[str, Callable[[], object]]:
     (sampling) and a forward + backward (training); and, outside the floor, the optimizer step
     (gradient clipping + fused AdamW) that train.py takes after each backward."""
     unet = pipe.unet
-    latents, timestep, embeds = unet_inputs(pipe, args)
+    latents, timestep, text = unet_inputs(pipe, args)
     params = list(unet.parameters())
     grads = [torch.randn_like(p) for p in params]
     optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)  # lr 0: the timed weights stay as loaded
 
     @torch.no_grad()
     def forward():
-        unet(latents, timestep, encoder_hidden_states=embeds)
+        unet(latents, timestep, **text)
 
     def forward_backward():
-        unet(latents, timestep, encoder_hidden_states=embeds).sample.float().mean().backward()
+        unet(latents, timestep, **text).sample.float().mean().backward()
         unet.zero_grad(set_to_none=True)
 
     def optimizer_step():
@@ -366,7 +367,7 @@ def bench_knobs(args: BenchArgs, device) -> dict:
     variants = {}
     for name in ["default", "classic_attention", "channels_last"] + (["compile"] if args.compile else []):
         pipe = sampler.load_pipeline(args.model, device=device)
-        latents, timestep, embeds = unet_inputs(pipe, args)
+        latents, timestep, text = unet_inputs(pipe, args)
         unet = pipe.unet
         if name == "classic_attention":
             unet.set_attn_processor(AttnProcessor())  # explicit softmax(QK^T)V instead of SDPA
@@ -376,7 +377,7 @@ def bench_knobs(args: BenchArgs, device) -> dict:
         if name == "compile":
             unet = torch.compile(unet)
         variants[name] = torch.no_grad()(
-            lambda unet=unet, latents=latents, t=timestep, e=embeds: unet(latents, t, encoder_hidden_states=e)
+            lambda unet=unet, latents=latents, t=timestep, text=text: unet(latents, t, **text)
         )
     times = interleaved(variants, args.repeats, device)
     report = {name: {"seconds": spread(v), "ratio": ratios(v, times["default"])} for name, v in times.items()}
@@ -393,14 +394,12 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def unet_flops(unet, latents, timestep, embeds) -> tuple[int, int]:
+def unet_flops(unet, latents, timestep, text: dict) -> tuple[int, int]:
     """FLOPs of one forward and of one forward + backward of the UNet on these inputs."""
     unet.requires_grad_(True)
     with torch.no_grad():
-        forward = count_flops(lambda: unet(latents, timestep, encoder_hidden_states=embeds))
-    backward = count_flops(
-        lambda: unet(latents, timestep, encoder_hidden_states=embeds).sample.sum().backward()
-    )
+        forward = count_flops(lambda: unet(latents, timestep, **text))
+    backward = count_flops(lambda: unet(latents, timestep, **text).sample.sum().backward())
     unet.zero_grad(set_to_none=True)
     return forward, backward
 
@@ -419,8 +418,8 @@ def paper_cost() -> dict:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD2_UNET)
         vae = AutoencoderKL(**SD2_VAE)
-        latents, embeds = torch.empty(2, 4, 64, 64), torch.empty(2, 77, 1024)
-        forward, forward_backward = unet_flops(unet, latents, torch.tensor(500), embeds)
+        latents, text = torch.empty(2, 4, 64, 64), {"encoder_hidden_states": torch.empty(2, 77, 1024)}
+        forward, forward_backward = unet_flops(unet, latents, torch.tensor(500), text)
         decode = count_flops(lambda: vae.decode(torch.empty(1, 4, 64, 64)))
     per_sample = iteration_flops(forward, forward_backward, PAPER_STEPS, PAPER_TRAINED, True) + decode
     total = per_sample * PAPER_SAMPLES * PAPER_ITERATIONS
@@ -438,8 +437,8 @@ def paper_cost() -> dict:
 def bench_flops(pipe, args: BenchArgs, iteration: dict | None, device) -> dict:
     """FLOPs of an iteration at the benchmark's shapes, FLOP/s achieved by the iteration section (when it
     ran) and the paper's run in A100-hours at the measured (GPU) or assumed model FLOP utilisation."""
-    latents, timestep, embeds = unet_inputs(pipe, args)
-    forward, forward_backward = unet_flops(pipe.unet, latents, timestep, embeds)
+    latents, timestep, text = unet_inputs(pipe, args)
+    forward, forward_backward = unet_flops(pipe.unet, latents, timestep, text)
     pipe.unet.requires_grad_(False)
     decode = count_flops(lambda: sampler.decode(pipe, latents[: args.batch_size]))
     flops = iteration_flops(

@@ -60,7 +60,8 @@ def measure(unet, scheduler, size: int, j: int, args: Args) -> dict:
 
     def log_prob(precision, action):
         with precision:
-            mean, std = sampler.step_mean(unet, scheduler, latents, timestep, embeds, embeds * 0, 7.0, 1.0)
+            cond = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds * 0}
+            mean, std = sampler.step_mean(unet, scheduler, latents, timestep, cond, 7.0, 1.0)
             return sampler.gaussian_log_prob(action, mean, std), mean, std
 
     with torch.no_grad():

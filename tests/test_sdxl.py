@@ -1,0 +1,195 @@
+"""SDXL under the same Algorithm 1, on `tiny-xl` (random SDXL weights built in code): the sampler against
+stock StableDiffusionXLPipeline, and train.py / evaluate.py end to end (full and LoRA, bf16, gradient
+checkpointing, L_pre, checkpoints that stock diffusers loads, exact resume, 2 ranks)."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from test_train import metrics, torchrun
+
+import evaluate
+import sampler
+import train
+
+SMALL_XL = ["--model", "tiny-xl", "--num-steps", "6", "--train-timesteps", "3", "--batch-size", "4",
+            "--sample-every", "0", "--lr", "1e-3", "--clip-range", "0.05"]  # fmt: skip
+
+
+def run_xl(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    train.main(train.parse_args([*SMALL_XL, "--out", out, *extra]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sampler.load_pipeline("tiny-xl")
+
+
+def stock_latents(stock, prompts, num_steps, guidance, seed=0):
+    """What a diffusers user gets: StableDiffusionXLPipeline.__call__, DDIM at eta 1; its final latents."""
+    generator = torch.Generator().manual_seed(seed)
+    return stock(prompts, num_inference_steps=num_steps, guidance_scale=guidance, eta=1.0,
+                 generator=generator, output_type="latent").images  # fmt: skip
+
+
+@pytest.mark.parametrize("guidance", [7.0, 1.0])
+def test_samples_equal_stock_sdxl_pipeline_with_one_batched_unet_call_per_step(pipe, guidance):
+    prompts = ["a cat", "a red dog on a hill"]
+    calls = []
+    hook = pipe.unet.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(
+            (args[0].shape[0], kwargs["added_cond_kwargs"]["text_embeds"].shape[0])
+        ),
+        with_kwargs=True,
+    )
+    try:
+        ours = sampler.sample(pipe, prompts, num_steps=4, guidance=guidance, eta=1.0,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    finally:
+        hook.remove()
+    halves = 1 if guidance == 1.0 else 2
+    assert calls == [(halves * 2, halves * 2)] * 4  # cond and uncond halves in one call, with SDXL's inputs
+    expected = stock_latents(pipe, prompts, 4, guidance)
+    assert torch.equal(ours["latents"][:, -1], expected)
+    images = pipe(prompts, num_inference_steps=4, guidance_scale=guidance, eta=1.0,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    assert torch.equal(ours["images"], images)
+    cond = ours["cond"]
+    assert cond["prompt_embeds"].shape == (2, 16, 64) and cond["pooled_prompt_embeds"].shape == (2, 32)
+    assert cond["add_time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2  # original size, crop, target size
+    assert not cond["negative_prompt_embeds"].any()  # SDXL's empty negative prompt: zeros, as stock
+
+
+def test_a_negative_prompt_is_encoded_as_stock_sdxl_does(pipe):
+    ours = sampler.sample(pipe, ["a cat"], num_steps=3, generator=torch.Generator().manual_seed(1),
+                          negative_prompt="blurry")  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    expected = pipe(["a cat"], negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.0, eta=1.0,
+                    generator=generator, output_type="latent").images  # fmt: skip
+    assert torch.equal(ours["latents"][:, -1], expected)
+
+
+def test_recomputed_log_probs_give_ratio_exactly_one(pipe):
+    out = sampler.sample(pipe, ["a cat", "a dog", "a bird"], num_steps=5,
+                         generator=torch.Generator().manual_seed(3))  # fmt: skip
+    for j, t in enumerate(out["timesteps"]):
+        rows = slice(1, 3)  # a micro-batch of the stored trajectories
+        cond = {name: value[rows] for name, value in out["cond"].items()}
+        with torch.no_grad():
+            new = sampler.step_log_prob(pipe.unet, pipe.scheduler, out["latents"][rows, j],
+                                        out["latents"][rows, j + 1], t, cond)  # fmt: skip
+        torch.testing.assert_close(
+            torch.exp(new - out["log_probs"][rows, j]), torch.ones(2), rtol=0, atol=1e-6
+        )
+
+
+def test_pretrain_loss_takes_sdxl_conditioning_and_trains_the_unet(pipe):
+    arrays = [torch.rand(32, 32, 3).numpy() * 255 for _ in range(2)]
+    pipe.unet.requires_grad_(True)
+    try:
+        loss = sampler.pretrain_loss(pipe, pipe.unet, ["a red square", "a blue circle"], arrays, seed=0,
+                                     uncond_prob=0.5)  # fmt: skip
+        loss.backward()
+        assert torch.isfinite(loss) and loss > 0
+        assert pipe.unet.add_embedding.linear_1.weight.grad.abs().sum() > 0  # the pooled text / size ids path
+    finally:
+        pipe.unet.zero_grad(set_to_none=True)
+        pipe.unet.requires_grad_(False)
+
+
+def test_brightness_rises_on_policy_at_the_first_trained_step(tmp_path):
+    out = run_xl(tmp_path, "--rewards", "brightness", "--iterations", "24", "--batch-size", "16")
+    rows = metrics(out)
+    for row in rows:
+        assert row["ratio_error_first"] == 0 and row["clipfrac_per_step"][0] == 0
+        assert row["approx_kl_per_step"][0] < 1e-10
+    means = torch.tensor([row["reward_mean"] for row in rows])
+    noise = (means[1:] - means[:-1])[:6].abs().mean()  # iteration-to-iteration noise early in training
+    gain = means[-4:].mean() - means[:4].mean()
+    assert gain > 5 * noise, (gain, noise, means)
+
+
+def test_full_checkpoint_loads_in_stock_sdxl_resumes_exactly_and_evaluates(tmp_path):
+    folder = str(tmp_path / "tiny-xl")
+    sampler.tiny_xl_pipeline().save_pretrained(folder)  # the base model as a diffusers folder, as a hub copy
+    flags = ["--model", folder, "--rewards", "brightness", "--save-every", "1", "--gradient-checkpointing",
+             "--pretrain-data", pretrain_folder(tmp_path)]  # fmt: skip
+    out = run_xl(tmp_path, *flags, "--iterations", "2")
+    assert [row["task"] for row in metrics(out)] == ["brightness", "pretrain"] * 2
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "final", "unet"))  # as a diffusers user
+    stock = StableDiffusionXLPipeline.from_pretrained(folder, unet=unet)
+    ours = sampler.load_pipeline(folder, checkpoint=os.path.join(out, "final"))
+    assert isinstance(ours, StableDiffusionXLPipeline)
+    seed = torch.Generator().manual_seed(0)
+    latents = sampler.sample(ours, ["a cat"], num_steps=3, generator=seed)["latents"]
+    assert torch.equal(latents[:, -1], stock_latents(stock, ["a cat"], 3, 7.0))
+    base = sampler.sample(sampler.load_pipeline(folder), ["a cat"], num_steps=3,
+                          generator=torch.Generator().manual_seed(0))["latents"]  # fmt: skip
+    assert (latents - base).abs().max() > 1e-3  # trained, and the checkpoint is what loaded
+    # resume stays exact: 1 iteration + resume + 1 equals 2 in one go
+    part = run_xl(tmp_path, *flags, "--iterations", "1", name="part")
+    resume = ["--out", part, "--iterations", "2", "--resume", "latest"]
+    train.main(train.parse_args([*SMALL_XL, *flags, *resume]))
+    whole, resumed = (load_file(os.path.join(o, "final", "unet", "diffusion_pytorch_model.safetensors"))
+                      for o in (out, part))  # fmt: skip
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    # evaluate.py scores base and checkpoint on SDXL
+    results = str(tmp_path / "evaluate")
+    evaluate.main(["--model", folder, "--checkpoint", f"tuned={os.path.join(out, 'final')}", "--suites",
+                   "brightness", "--num-steps", "2", "--max-prompts", "2", "--images-per-prompt", "2",
+                   "--batch-size", "4", "--resamples", "100", "--out", results])  # fmt: skip
+    scores = json.load(open(os.path.join(results, "results.json")))["sets"]["brightness/test"]
+    assert {"base", "tuned"} <= set(scores["files"])
+
+
+def pretrain_folder(tmp_path) -> str:
+    from PIL import Image
+
+    data = tmp_path / "pretrain"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(data / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "a red square"}) + "\n")
+    return str(data)
+
+
+def test_lora_in_bf16_loads_in_stock_sdxl_and_resumes_exactly(tmp_path):
+    pytest.importorskip("peft")
+    folder = str(tmp_path / "tiny-xl")
+    sampler.tiny_xl_pipeline().save_pretrained(folder)
+    flags = ["--model", folder, "--rewards", "brightness", "--lora-rank", "4", "--lr", "1e-2", "--clip-range",
+             "0.5", "--mixed-precision", "bf16", "--save-every", "1"]  # fmt: skip
+    out = run_xl(tmp_path, *flags, "--iterations", "2")
+    for row in metrics(out):  # on policy at the first trained step under bf16 too
+        assert row["skipped_steps"] == 0 and row["ratio_error_first"] == 0
+    stock = StableDiffusionXLPipeline.from_pretrained(folder)
+    stock.set_progress_bar_config(disable=True)
+    base = stock_latents(stock, ["a cat", "a dog"], 3, 7.0)
+    stock.load_lora_weights(os.path.join(out, "final", "lora"))  # what a diffusers user does
+    tuned = stock_latents(stock, ["a cat", "a dog"], 3, 7.0)
+    assert (tuned - base).abs().max() > 1e-3  # loaded, not a silent no-op
+    ours = sampler.load_pipeline(folder, checkpoint=os.path.join(out, "final"))
+    seed = torch.Generator().manual_seed(0)
+    assert torch.equal(sampler.sample(ours, ["a cat", "a dog"], 3, generator=seed)["latents"][:, -1], tuned)
+    part = run_xl(tmp_path, *flags, "--iterations", "1", name="part")
+    resume = ["--out", part, "--iterations", "2", "--resume", "latest"]
+    train.main(train.parse_args([*SMALL_XL, *flags, *resume]))
+    whole, resumed = (load_file(os.path.join(o, "final", "lora", "pytorch_lora_weights.safetensors"))
+                      for o in (out, part))  # fmt: skip
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_torchrun_two_ranks_train_sdxl_with_identical_weights(tmp_path):
+    out = str(tmp_path / "ddp")
+    torchrun(*SMALL_XL, "--rewards", "brightness", "--iterations", "2", "--out", out, "--save-every", "1")
+    rows = metrics(out)
+    assert [row["iteration"] for row in rows] == [0, 1] and all(row["samples"] == 8 for row in rows)
+    state = torch.load(os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True)
+    checksums = state["rank_checksums"]
+    assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1])
