@@ -372,6 +372,9 @@ def load_pipeline(
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if checkpoint is not None:
         load_checkpoint_weights(pipe, checkpoint)
+    check_precision(pipe, dtype)
+    if is_sdxl(pipe):  # 1024x1024 images: the VAE decodes a batch one image at a time
+        pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():  # UNet, VAE, the text encoder(s)
         if isinstance(module, torch.nn.Module):
@@ -383,6 +386,13 @@ def load_pipeline(
 def is_sdxl(pipe) -> bool:
     """SDXL conditions its UNet on two text encoders, their pooled text embedding and size / crop ids."""
     return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def check_precision(pipe, dtype: torch.dtype) -> None:
+    """Refuse fp16 with SDXL's VAE, which overflows in it (force_upcast in its config): every image NaN."""
+    if dtype == torch.float16 and is_sdxl(pipe) and pipe.vae.config.force_upcast:
+        raise ValueError("SDXL's VAE overflows in fp16 (force_upcast in its config): pass --mixed-precision "
+                         "bf16 or no, or a model whose VAE is made for fp16")  # fmt: skip
 
 
 def load_checkpoint_weights(pipe, checkpoint: str, ema: bool = False) -> None:

@@ -267,6 +267,7 @@ def load_model(args: Args, device, dtype: torch.dtype):
     """(pipe, lora_config, trainable parameters). The trained UNet loads and stays in fp32 (loading it in bf16
     first would round the base weights); the frozen text encoder and VAE run in the inference dtype."""
     pipe = sampler.load_pipeline(args.model, device=device)
+    sampler.check_precision(pipe, dtype)
     for text_encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL has two
         if text_encoder is not None:
             text_encoder.to(dtype)

@@ -193,3 +193,12 @@ def test_torchrun_two_ranks_train_sdxl_with_identical_weights(tmp_path):
     state = torch.load(os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True)
     checksums = state["rank_checksums"]
     assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1])
+
+
+def test_fp16_with_sdxls_vae_is_refused_before_any_work(tmp_path):
+    """SDXL's VAE overflows in fp16 (NaN images, nonsense rewards): one line naming bf16, before sampling."""
+    with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
+        flags = ["--rewards", "brightness", "--mixed-precision", "fp16", "--out", str(tmp_path / "run")]
+        train.setup(train.parse_args([*SMALL_XL, *flags]))
+    with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
+        sampler.load_pipeline("tiny-xl", dtype=torch.float16)  # evaluate.py --mixed-precision fp16
