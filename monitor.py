@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with open(os.path.join(run, "args.json")) as f:
             config = json.load(f)
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.endswith("\n")]  # not a line cut off by a kill
+        import outputs  # the one project module, for the command line only: train.py imports this one
+
+        rows = outputs.read_metrics(run)
     except (OSError, ValueError) as error:
         parser.error(f"{run} is not a readable train.py run folder ({error})")
     num_steps, max_grad_norm = config["num_steps"], config["max_grad_norm"]

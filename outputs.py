@@ -400,9 +400,9 @@ def non_finite_rewards_row(task: str, iteration: int, rewards: torch.Tensor, arg
 
 
 def read_metrics(out: str) -> list[dict]:
-    """The rows of OUT/metrics.jsonl, in order."""
+    """The rows of OUT/metrics.jsonl, in order; a last line cut off by a kill (no newline yet) is left out."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
 
 
 def weight_sums(parameters) -> torch.Tensor:
@@ -415,15 +415,15 @@ def weight_sums(parameters) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def weights_swapped(parameters: list, values: list | None):
+def weights_swapped(parameters: list, values: list):
     """Inside the block the parameters hold `values` (their tensors exchanged, nothing copied), and after it
     their own again: write or load the --ema-decay average through the code that handles the weights."""
-    for p, v in zip(parameters, values or [], strict=bool(values)):  # values None: nothing to swap
+    for p, v in zip(parameters, values, strict=True):
         p.data, v.data = v.data, p.data
     try:
         yield
     finally:
-        for p, v in zip(parameters, values or [], strict=bool(values)):
+        for p, v in zip(parameters, values, strict=True):
             p.data, v.data = v.data, p.data
 
 

@@ -195,6 +195,8 @@ class Run:
     trainable: list  # the parameters AdamW updates
     optimizer: torch.optim.Optimizer
     pretrain_data: list | None  # (image path, caption) pairs of L_pre, None without --pretrain-data
+    window: range = range(0)  # the DDIM step indices of --timestep-window, from which each update draws
+    step_weights: torch.Tensor | None = None  # (T,) c_t of --timestep-weight (sampler.step_weights)
     reference: torch.nn.Module | None = None  # pi_ref of --kl-coef, a frozen base UNet (full fine-tune)
     ema: list | None = None  # --ema-decay: fp32 EMA of each trainable parameter
     gold: list = dataclasses.field(default_factory=list)  # the --eval-rewards tasks
@@ -245,7 +247,7 @@ def load_tasks(args: Args, device, world_size: int) -> tuple[list, list, list, l
     ]
     prompt_lists = [task.prompts(task.splits[0], args.seed) for task in tasks]
     held_out_lists = [task.prompts(task.splits[-1], args.seed) for task in tasks] if args.eval_every else []
-    for task, prompts in zip(tasks, prompt_lists, strict=True):
+    for i, (task, prompts) in enumerate(zip(tasks, prompt_lists, strict=True)):
         group = group_size(task, args)
         if args.batch_size % group:
             raise ValueError(
@@ -256,7 +258,7 @@ def load_tasks(args: Args, device, world_size: int) -> tuple[list, list, list, l
             raise ValueError(
                 f"task {task.name!r} has {len(prompts)} prompts for {world_size} ranks; add prompts"
             )
-        if args.eval_every and not held_out_lists[tasks.index(task)]:
+        if args.eval_every and not held_out_lists[i]:
             raise ValueError(f"task {task.name!r} holds out no prompts for --eval-every; add prompts")
     for task in tasks + gold:  # the reward models now: weights that cannot be fetched stop the run in seconds
         task.load()
@@ -356,6 +358,10 @@ def setup(args: Args) -> Run:
         run.reference = copy.deepcopy(pipe.unet).requires_grad_(False)  # (LoRA: its adapters switched off)
     run.ema = [p.detach().clone() for p in trainable] if args.ema_decay else None
     run.held_out_lists, run.gold = held_out_lists, gold
+    run.window = sampler.timestep_window(args.timestep_window, args.num_steps)
+    pipe.scheduler.set_timesteps(args.num_steps)  # the T DDIM timesteps every trajectory is sampled at
+    timesteps = pipe.scheduler.timesteps
+    run.step_weights = sampler.step_weights(pipe.scheduler, timesteps, args.eta, args.timestep_weight)
     run.start = resume(run)
     if run.master:  # OUT/args.json, OUT/metrics.jsonl up to the start, the tracker
         run.track, run.close_tracker = outputs.open_logs(dataclasses.asdict(args), run.start)
@@ -496,16 +502,14 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
     sampling and training compute the same function, so w = 1 exactly at the first trained step."""
     args, task = run.args, run.tasks[task_index]
     step_order = np.random.default_rng([args.seed, iteration, task_index])
-    window = sampler.timestep_window(args.timestep_window, args.num_steps)  # --timestep-window LO:HI
     ddim_steps = np.concatenate([
-        window.start + step_order.choice(len(window), size=args.train_timesteps, replace=False)
+        run.window.start + step_order.choice(len(run.window), size=args.train_timesteps, replace=False)
         for _ in range(args.inner_epochs)
     ])  # fmt: skip
     micro = args.micro_batch or args.batch_size
     mixed, fp32 = isinstance(run.autocast, torch.autocast), contextlib.nullcontext()
     probe = slice(0, min(micro, 4))  # precision_noise: up to 4 samples of the first trained step, in fp32 too
     per_step, noise = [], None
-    weights = sampler.step_weights(run.pipe.scheduler, batch.timesteps, args.eta, args.timestep_weight)
     for k, j in enumerate(ddim_steps):
         run.optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=run.device)
@@ -520,7 +524,7 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
             # log p_theta(x_{t-1} | x_t, c) of the stored action: (micro,)
             log_prob = sampler.gaussian_log_prob(batch.latents[rows, j + 1], mean, std)
             loss, log_ratio, ratio = clipped_surrogate(log_prob, batch.log_probs[rows, j], advantages[rows],
-                                                       args.clip_range, weights[j])  # fmt: skip
+                                                       args.clip_range, run.step_weights[j])  # fmt: skip
             if args.kl_coef:  # + beta * KL(pi_theta || pi_ref) (0: the paper's loss)
                 kl = sampler.gaussian_kl(mean, ref_mean, std)  # (micro,)
                 loss = loss + args.kl_coef * kl.mean()
@@ -553,7 +557,7 @@ def ppo_update(run: Run, batch: Batch, advantages: torch.Tensor, task_index: int
             run.warn(f"{task.name}: rounding in --mixed-precision {args.mixed_precision} moves the policy "
                      f"ratio more than --clip-range {args.clip_range:g} (precision_noise in metrics.jsonl): "
                      "clipping acts on noise (docs/training.md, 'Precision noise')")  # fmt: skip
-    return {**per_step, "ddim_steps": ddim_steps, "timestep_weight": weights[ddim_steps]}
+    return {**per_step, "ddim_steps": ddim_steps, "timestep_weight": run.step_weights[ddim_steps]}
 
 
 #### Algorithm 1, step 4: the pretraining loss L_pre ####
@@ -593,7 +597,7 @@ def held_out_evaluation(run: Run, iteration: int):
     for task_index, task in enumerate(run.tasks):
         row = {"iteration": iteration, "task": task.name, "eval_split": task.splits[-1]}
         for ema in [None, run.ema] if run.ema else [None]:  # the weights, then their EMA in their place
-            with outputs.weights_swapped(run.trainable, ema):
+            with outputs.weights_swapped(run.trainable, ema) if ema else contextlib.nullcontext():
                 batch = sample_batch(run, task_index, iteration, held_out=True)
             for scorer in [task, *run.gold]:  # the task's own reward is eval_reward_*
                 scores = scorer.reward(batch.images, batch.prompts, batch.metadata)[0]

@@ -74,18 +74,18 @@ def test_a_negative_prompt_is_encoded_as_stock_sdxl_does(pipe):
     assert torch.equal(ours["latents"][:, -1], expected)
 
 
-def test_recomputed_log_probs_give_ratio_exactly_one(pipe):
+def test_recomputed_log_probs_give_ratio_one(pipe):
+    """Exactly 1 on the whole batch; within 1e-5 on a micro-batch (batch-size-dependent float rounding)."""
     out = sampler.sample(pipe, ["a cat", "a dog", "a bird"], num_steps=5,
                          generator=torch.Generator().manual_seed(3))  # fmt: skip
     for j, t in enumerate(out["timesteps"]):
-        rows = slice(1, 3)  # a micro-batch of the stored trajectories
-        cond = {name: value[rows] for name, value in out["cond"].items()}
-        with torch.no_grad():
-            new = sampler.step_log_prob(pipe.unet, pipe.scheduler, out["latents"][rows, j],
-                                        out["latents"][rows, j + 1], t, cond)  # fmt: skip
-        torch.testing.assert_close(
-            torch.exp(new - out["log_probs"][rows, j]), torch.ones(2), rtol=0, atol=1e-6
-        )
+        for rows, atol in [(slice(0, 3), 0.0), (slice(1, 3), 1e-5)]:
+            cond = {name: value[rows] for name, value in out["cond"].items()}
+            with torch.no_grad():
+                new = sampler.step_log_prob(pipe.unet, pipe.scheduler, out["latents"][rows, j],
+                                            out["latents"][rows, j + 1], t, cond)  # fmt: skip
+            ratio = torch.exp(new - out["log_probs"][rows, j])
+            torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=atol)
 
 
 def test_pretrain_loss_takes_sdxl_conditioning_and_trains_the_unet(pipe):
