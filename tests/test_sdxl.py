@@ -9,20 +9,21 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from test_train import metrics, torchrun
+from test_train import SMALL, metrics, run, torchrun
 
 import evaluate
 import sampler
 import train
 
-SMALL_XL = ["--model", "tiny-xl", "--num-steps", "6", "--train-timesteps", "3", "--batch-size", "4",
-            "--sample-every", "0", "--lr", "1e-3", "--clip-range", "0.05"]  # fmt: skip
+XL = ["--model", "tiny-xl"]  # after test_train's SMALL flags: the last --model wins
 
 
-def run_xl(tmp_path, *extra, name="run"):
-    out = str(tmp_path / name)
-    train.main(train.parse_args([*SMALL_XL, "--out", out, *extra]))
-    return out
+def assert_resume_is_exact(tmp_path, flags: list[str], out: str, weights: str):
+    """1 iteration + --resume latest + 1 more give the weights file of 2 iterations in one go (`out`)."""
+    part = run(tmp_path, *flags, "--iterations", "1", name="part")
+    train.main(train.parse_args([*SMALL, *flags, "--out", part, "--iterations", "2", "--resume", "latest"]))
+    whole, resumed = (load_file(os.path.join(o, "final", weights)) for o in (out, part))
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_pretrain_loss_takes_sdxl_conditioning_and_trains_the_unet(pipe):
 
 
 def test_brightness_rises_on_policy_at_the_first_trained_step(tmp_path):
-    out = run_xl(tmp_path, "--rewards", "brightness", "--iterations", "24", "--batch-size", "16")
+    out = run(tmp_path, *XL, "--rewards", "brightness", "--iterations", "24", "--batch-size", "16")
     rows = metrics(out)
     for row in rows:
         assert row["ratio_error_first"] == 0 and row["clipfrac_per_step"][0] == 0
@@ -119,7 +120,7 @@ def test_full_checkpoint_loads_in_stock_sdxl_resumes_exactly_and_evaluates(tmp_p
     sampler.tiny_xl_pipeline().save_pretrained(folder)  # the base model as a diffusers folder, as a hub copy
     flags = ["--model", folder, "--rewards", "brightness", "--save-every", "1", "--gradient-checkpointing",
              "--pretrain-data", pretrain_folder(tmp_path)]  # fmt: skip
-    out = run_xl(tmp_path, *flags, "--iterations", "2")
+    out = run(tmp_path, *flags, "--iterations", "2")
     assert [row["task"] for row in metrics(out)] == ["brightness", "pretrain"] * 2
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "final", "unet"))  # as a diffusers user
     stock = StableDiffusionXLPipeline.from_pretrained(folder, unet=unet)
@@ -131,13 +132,7 @@ def test_full_checkpoint_loads_in_stock_sdxl_resumes_exactly_and_evaluates(tmp_p
     base = sampler.sample(sampler.load_pipeline(folder), ["a cat"], num_steps=3,
                           generator=torch.Generator().manual_seed(0))["latents"]  # fmt: skip
     assert (latents - base).abs().max() > 1e-3  # trained, and the checkpoint is what loaded
-    # resume stays exact: 1 iteration + resume + 1 equals 2 in one go
-    part = run_xl(tmp_path, *flags, "--iterations", "1", name="part")
-    resume = ["--out", part, "--iterations", "2", "--resume", "latest"]
-    train.main(train.parse_args([*SMALL_XL, *flags, *resume]))
-    whole, resumed = (load_file(os.path.join(o, "final", "unet", "diffusion_pytorch_model.safetensors"))
-                      for o in (out, part))  # fmt: skip
-    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert_resume_is_exact(tmp_path, flags, out, os.path.join("unet", "diffusion_pytorch_model.safetensors"))
     # evaluate.py scores base and checkpoint on SDXL
     results = str(tmp_path / "evaluate")
     evaluate.main(["--model", folder, "--checkpoint", f"tuned={os.path.join(out, 'final')}", "--suites",
@@ -165,7 +160,7 @@ def test_lora_in_bf16_loads_in_stock_sdxl_and_resumes_exactly(tmp_path):
     sampler.tiny_xl_pipeline().save_pretrained(folder)
     flags = ["--model", folder, "--rewards", "brightness", "--lora-rank", "4", "--lr", "1e-2", "--clip-range",
              "0.5", "--mixed-precision", "bf16", "--save-every", "1"]  # fmt: skip
-    out = run_xl(tmp_path, *flags, "--iterations", "2")
+    out = run(tmp_path, *flags, "--iterations", "2")
     for row in metrics(out):  # on policy at the first trained step under bf16 too
         assert row["skipped_steps"] == 0 and row["ratio_error_first"] == 0
     stock = StableDiffusionXLPipeline.from_pretrained(folder)
@@ -177,17 +172,12 @@ def test_lora_in_bf16_loads_in_stock_sdxl_and_resumes_exactly(tmp_path):
     ours = sampler.load_pipeline(folder, checkpoint=os.path.join(out, "final"))
     seed = torch.Generator().manual_seed(0)
     assert torch.equal(sampler.sample(ours, ["a cat", "a dog"], 3, generator=seed)["latents"][:, -1], tuned)
-    part = run_xl(tmp_path, *flags, "--iterations", "1", name="part")
-    resume = ["--out", part, "--iterations", "2", "--resume", "latest"]
-    train.main(train.parse_args([*SMALL_XL, *flags, *resume]))
-    whole, resumed = (load_file(os.path.join(o, "final", "lora", "pytorch_lora_weights.safetensors"))
-                      for o in (out, part))  # fmt: skip
-    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert_resume_is_exact(tmp_path, flags, out, os.path.join("lora", "pytorch_lora_weights.safetensors"))
 
 
 def test_torchrun_two_ranks_train_sdxl_with_identical_weights(tmp_path):
     out = str(tmp_path / "ddp")
-    torchrun(*SMALL_XL, "--rewards", "brightness", "--iterations", "2", "--out", out, "--save-every", "1")
+    torchrun(*SMALL, *XL, "--rewards", "brightness", "--iterations", "2", "--out", out, "--save-every", "1")
     rows = metrics(out)
     assert [row["iteration"] for row in rows] == [0, 1] and all(row["samples"] == 8 for row in rows)
     state = torch.load(os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True)
@@ -199,6 +189,6 @@ def test_fp16_with_sdxls_vae_is_refused_before_any_work(tmp_path):
     """SDXL's VAE overflows in fp16 (NaN images, nonsense rewards): one line naming bf16, before sampling."""
     with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
         flags = ["--rewards", "brightness", "--mixed-precision", "fp16", "--out", str(tmp_path / "run")]
-        train.setup(train.parse_args([*SMALL_XL, *flags]))
+        train.setup(train.parse_args([*SMALL, *XL, *flags]))
     with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
         sampler.load_pipeline("tiny-xl", dtype=torch.float16)  # evaluate.py --mixed-precision fp16
