@@ -7,8 +7,8 @@
                       norm, and how often its gradient was clipped to --max-grad-norm
 
 Pure functions of tensors and metrics rows: train.py calls them, and they import nothing of the project (the
-command line uses flags.py). One command reads a finished or running train.py run, prints step_table per
-task and draws it by thirds of the run (tools/figures.py draws the picture):
+command line uses flags.py and outputs.read_metrics). One command reads a finished or running train.py run,
+prints step_table per task and draws it by thirds of the run (tools/figures.py draws the picture):
 
     python monitor.py steps runs/toy-skin            # the table, and runs/toy-skin/steps.png
     python monitor.py steps runs/joint --task comp --out steps-comp.png
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with open(os.path.join(run, "args.json")) as f:
             config = json.load(f)
-        import outputs  # the one project module, for the command line only: train.py imports this one
+        import outputs  # for the command line only: the functions above import nothing of the project
 
         rows = outputs.read_metrics(run)
     except (OSError, ValueError) as error:

@@ -75,7 +75,8 @@ def write_weights(folder: str, unet, lora_config, suffix: str = ""):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        # diffusers' layout, pytorch_lora_weights.safetensors: stock pipe.load_lora_weights(lora/) loads it
+        # diffusers' layout, pytorch_lora_weights.safetensors: stock pipe.load_lora_weights(lora/) loads it,
+        # in StableDiffusionPipeline and StableDiffusionXLPipeline alike (the same file and keys; both tested)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionPipeline.save_lora_weights(
             os.path.join(folder, "lora" + suffix), unet_lora_layers=layers

@@ -203,22 +203,22 @@ def step_weights(
 #### Loading a pipeline ####
 
 
-def _tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
+def _tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A character-level CLIP BPE tokenizer (no merges) built in code: the byte alphabet, each
     byte also as an end-of-word token, and the three special tokens."""
     alphabet = [chr(c) for c in range(33, 127)]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in alphabet + [a + "</w>" for a in alphabet]:
         vocab[token] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token=pad_token)
 
 
-def _tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def _tiny_text_config(tokenizer: CLIPTokenizer, width: int = 32, projection_dim: int = 32) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        projection_dim=32,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=projection_dim,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=tokenizer.model_max_length,
@@ -269,22 +269,23 @@ def tiny_pipeline() -> StableDiffusionPipeline:
 
 
 def tiny_xl_pipeline() -> StableDiffusionXLPipeline:
-    """SDXL's components with random weights, built in code as tiny_pipeline (32x32 images): two text
-    encoders whose penultimate hidden states are concatenated (32 + 32 = cross_attention_dim 64), the
-    second's pooled projection (32), and a UNet with SDXL's added "text_time" embedding of the pooled
-    text and the 6 size / crop ids (6 * 8 + 32 = 80 inputs), as stabilityai/stable-diffusion-xl-base-1.0."""
+    """SDXL's components with random weights, built in code as tiny_pipeline (32x32 images), laid out as
+    stabilityai/stable-diffusion-xl-base-1.0's: two text encoders of different widths whose penultimate
+    hidden states are concatenated (32 + 48 = cross_attention_dim 80), the second's pooled projection (16)
+    and its tokenizer padding with "!", and a UNet with SDXL's added "text_time" embedding of the pooled
+    text and the 6 size / crop ids (6 * 8 + 16 = 64 inputs)."""
     torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
+    tokenizer, tokenizer_2 = _tiny_tokenizer(), _tiny_tokenizer(pad_token="!")
     text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer))
-    unet = _tiny_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=6 * 8 + 32)  # fmt: skip
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, width=48, projection_dim=16))
+    unet = _tiny_unet(cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 16)  # fmt: skip
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
-        tokenizer_2=_tiny_tokenizer(),
+        tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=stable_diffusion_scheduler(),
         add_watermarker=False,
@@ -312,10 +313,13 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None) -> Sta
     )
 
 
+BUILT_IN = {"tiny": tiny_pipeline, "tiny-xl": tiny_xl_pipeline}  # --model names built in code
+
+
 def check_model(model: str) -> None:
-    """Refuse in seconds a --model that cannot load: not 'toy' or 'tiny', not a local folder, not in this
+    """Refuse in seconds a --model that cannot load: not 'toy' or built in, not a local folder, not in this
     machine's hub cache, and the hub cannot be reached or has no such repository."""
-    if model in ("toy", "tiny", "tiny-xl") or os.path.isdir(model):
+    if model == "toy" or model in BUILT_IN or os.path.isdir(model):
         return
     if os.path.isabs(model) or model.startswith(".") or model.count("/") > 1:  # a path, not a hub id
         raise FileNotFoundError(
@@ -347,32 +351,28 @@ def load_pipeline(
     model_index.json says which family it is). checkpoint: a folder written by train.py whose UNet (or
     LoRA adapter) replaces the base model's. Every module is frozen and in eval mode.
     """
-    if model in ("tiny", "tiny-xl"):
-        pipe = tiny_pipeline() if model == "tiny" else tiny_xl_pipeline()
+    check_precision(model, dtype)
+    if model in BUILT_IN:
+        pipe = BUILT_IN[model]()
     else:
         path = TOY_MODEL_DIR if model == "toy" else model
         if model == "toy" and not os.path.isfile(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(
                 f"the toy model is missing from {path}; run `python toyworld.py pretrain`"
             )
+        family = pipeline_class(model)
         try:
-            if DiffusionPipeline.load_config(path)["_class_name"].startswith("StableDiffusionXL"):
+            if family is StableDiffusionXLPipeline:
                 pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, add_watermarker=False)
             else:
                 pipe = StableDiffusionPipeline.from_pretrained(
                     path, dtype=dtype, safety_checker=None, requires_safety_checker=False
                 )
         except (OSError, ValueError) as error:
-            raise ValueError(
-                f"could not load a Stable Diffusion pipeline from {model!r}: it is not a local folder with a "
-                f"model_index.json and loading it as a Hugging Face id failed ({error}). Pass a diffusers "
-                "folder, a hub id such as 'stabilityai/stable-diffusion-2-base' (needs network or a cached "
-                "copy), 'toy', 'tiny' or 'tiny-xl'."
-            ) from error
+            raise ValueError(unloadable(model, error)) from error
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if checkpoint is not None:
         load_checkpoint_weights(pipe, checkpoint)
-    check_precision(pipe, dtype)
     if is_sdxl(pipe):  # 1024x1024 images: the VAE decodes a batch one image at a time
         pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
@@ -388,9 +388,45 @@ def is_sdxl(pipe) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
 
 
-def check_precision(pipe, dtype: torch.dtype) -> None:
-    """Refuse fp16 with SDXL's VAE, which overflows in it (force_upcast in its config): every image NaN."""
-    if dtype == torch.float16 and is_sdxl(pipe) and pipe.vae.config.force_upcast:
+def text_encoders(pipe) -> list:
+    """The pipeline's frozen text encoder(s): SDXL has two."""
+    return [pipe.text_encoder, pipe.text_encoder_2] if is_sdxl(pipe) else [pipe.text_encoder]
+
+
+def unloadable(model: str, error: Exception) -> str:
+    """The one line for a --model that does not load."""
+    return (f"could not load a Stable Diffusion pipeline from {model!r}: it is not a local folder with a "
+            f"model_index.json and loading it as a Hugging Face id failed ({error}). Pass a diffusers "
+            f"folder, a hub id such as {PAPER_MODEL!r} (needs network or a cached copy), 'toy', 'tiny' or "
+            "'tiny-xl'.")  # fmt: skip
+
+
+def pipeline_class(model: str) -> type:
+    """StableDiffusionPipeline (SD 1.x / 2.x, the toy model) or StableDiffusionXLPipeline (SDXL base), from
+    --model's model_index.json alone: no weights load. Another SDXL pipeline (the refiner, inpainting,
+    image-to-image) cannot be trained here and is refused."""
+    if model in BUILT_IN or model == "toy":
+        return StableDiffusionXLPipeline if model == "tiny-xl" else StableDiffusionPipeline
+    try:
+        name = DiffusionPipeline.load_config(model)["_class_name"]
+    except (OSError, ValueError) as error:
+        raise ValueError(unloadable(model, error)) from error
+    if not name.startswith("StableDiffusionXL"):
+        return StableDiffusionPipeline
+    if name != "StableDiffusionXLPipeline":
+        raise ValueError(f"--model {model} is a {name}; RL here trains a text-to-image model: SD 1.x / 2.x "
+                         "or SDXL base (a StableDiffusionXLPipeline), not a refiner, inpainting or "
+                         "image-to-image pipeline")  # fmt: skip
+    return StableDiffusionXLPipeline
+
+
+def check_precision(model: str, dtype: torch.dtype) -> None:
+    """Refuse, before any weights load, fp16 with SDXL's VAE, which overflows in it (force_upcast in its
+    config): every image would be NaN. A VAE made for fp16 sets force_upcast false."""
+    if dtype != torch.float16 or pipeline_class(model) is not StableDiffusionXLPipeline:
+        return
+    vae = {} if model in BUILT_IN else AutoencoderKL.load_config(model, subfolder="vae")
+    if vae.get("force_upcast", True):  # AutoencoderKL's default, and SDXL base's
         raise ValueError("SDXL's VAE overflows in fp16 (force_upcast in its config): pass --mixed-precision "
                          "bf16 or no, or a model whose VAE is made for fp16")  # fmt: skip
 
@@ -647,29 +683,34 @@ def load_pretrain_data(folder: str) -> list[tuple[str, str]]:
     return [(os.path.join(folder, row["file_name"]), row["text"]) for row in rows]
 
 
-def read_pretrain_images(data, batch_size: int, size: int, seed: int) -> tuple[list[str], list[np.ndarray]]:
-    """(captions, HxWx3 float arrays) of batch_size drawn pairs; an unreadable file is left out with a
-    warning (scraped data has broken files: one must not end a run)."""
+def read_pretrain_images(data, batch_size: int, size: int, seed: int) -> tuple[list, list, list]:
+    """(captions, size x size x 3 float arrays, each image's (height, width) before the resize) of batch_size
+    drawn pairs; an unreadable file is left out with a warning (scraped data has broken files: one must not
+    end a run)."""
     rng = np.random.default_rng(seed)
-    captions, arrays = [], []
+    captions, arrays, original_sizes = [], [], []
     for i in rng.choice(len(data), size=min(len(data), batch_size), replace=False):
         path, caption = data[i]
         try:
             with Image.open(path) as image:
                 arrays.append(np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32))
+                original_sizes.append((image.height, image.width))
             captions.append(caption)
         except (OSError, ValueError) as error:
             warnings.warn(f"--pretrain-data: left out the unreadable {path} ({error})", stacklevel=2)
-    return captions, arrays
+    return captions, arrays, original_sizes
 
 
 def pretrain_loss(
-    pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int, uncond_prob: float = 0.0
-) -> torch.Tensor:
+    pipe, unet, captions: list[str], arrays: list[np.ndarray], seed: int, uncond_prob: float = 0.0,
+    original_sizes: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """L_pre: the ordinary denoising loss E ||eps - eps_theta(x_t, t, c)||^2 on image-caption data
     (v instead of eps for v-prediction models). An `uncond_prob` share of the captions c is the empty
-    caption, as in SD's own pretraining: sampling with guidance w uses eps_uncond + w * (eps_cond -
-    eps_uncond), and at 0 L_pre trains eps_cond only (eps_uncond moves only through the shared weights)."""
+    caption, as in SD's own pretraining (SDXL: the zeros its guidance takes as unconditional input):
+    sampling with guidance w uses eps_uncond + w * (eps_cond - eps_uncond), and at 0 L_pre trains eps_cond
+    only (eps_uncond moves only through the shared weights). SDXL's size ids carry each image's
+    original_sizes (height, width) before its resize, as in SDXL's own training."""
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(seed)
@@ -684,6 +725,13 @@ def pretrain_loss(
         drop = torch.rand(len(captions), generator=generator) < uncond_prob
         captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
         cond = encode_prompts(pipe, captions)
+        if is_sdxl(pipe):  # a dropped caption gets the unconditional input guidance uses: SDXL's are zeros
+            for name in ("prompt_embeds", "pooled_prompt_embeds"):
+                rows = drop.to(device).reshape(-1, *[1] * (cond[name].ndim - 1))
+                cond[name] = torch.where(rows, cond["negative_" + name], cond[name])
+            if original_sizes:  # (original height, width, crop top, crop left, target height, width)
+                cond["add_time_ids"] = cond["add_time_ids"].clone()
+                cond["add_time_ids"][:, :2] = torch.tensor(original_sizes, dtype=cond["add_time_ids"].dtype)
     timesteps = timesteps.to(device)
     noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
     is_v = pipe.scheduler.config.prediction_type == "v_prediction"

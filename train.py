@@ -267,12 +267,10 @@ def load_tasks(args: Args, device, world_size: int) -> tuple[list, list, list, l
 
 def load_model(args: Args, device, dtype: torch.dtype):
     """(pipe, lora_config, trainable parameters). The trained UNet loads and stays in fp32 (loading it in bf16
-    first would round the base weights); the frozen text encoder and VAE run in the inference dtype."""
+    first would round the base weights); the frozen text encoder(s) and VAE run in the inference dtype."""
     pipe = sampler.load_pipeline(args.model, device=device)
-    sampler.check_precision(pipe, dtype)
-    for text_encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # SDXL has two
-        if text_encoder is not None:
-            text_encoder.to(dtype)
+    for text_encoder in sampler.text_encoders(pipe):  # SDXL has two
+        text_encoder.to(dtype)
     torch.nn.Module.to(pipe.vae, dtype)  # torch's .to: diffusers' warns of fp32 modules this VAE lacks
     unet, lora_config = pipe.unet, None
     if args.lora_rank > 0:
@@ -341,6 +339,7 @@ def setup(args: Args) -> Run:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = sampler.precision_dtype(args.mixed_precision, device)
+    sampler.check_precision(args.model, dtype)  # fp16 with SDXL's VAE: one line, before any weights load
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     tasks, prompt_lists, held_out_lists, gold = load_tasks(args, device, world_size)
@@ -568,8 +567,9 @@ def pretrain_step(run: Run, iteration: int) -> dict:
     iteration's RL steps (Algorithm 1). Returns its metrics line."""
     args, start = run.args, time.time()
     seed = rank_seed(args.seed, iteration, len(run.tasks), run.rank)
-    size = run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor
-    captions, arrays = sampler.read_pretrain_images(run.pretrain_data, args.pretrain_batch_size, size, seed)
+    side = run.pipe.unet.config.sample_size * run.pipe.vae_scale_factor  # the model's image size
+    captions, arrays, sizes = sampler.read_pretrain_images(run.pretrain_data, args.pretrain_batch_size, side,
+                                                           seed)  # fmt: skip
     # decided together: a rank that raised alone would leave the others waiting in a collective
     if all_mean(torch.tensor(float(not captions), device=run.device)).item() > 0:
         raise ValueError(
@@ -579,7 +579,8 @@ def pretrain_step(run: Run, iteration: int) -> dict:
         )
     run.optimizer.zero_grad(set_to_none=True)
     with run.autocast:
-        loss = sampler.pretrain_loss(run.pipe, run.model, captions, arrays, seed, args.pretrain_uncond_prob)
+        uncond = args.pretrain_uncond_prob
+        loss = sampler.pretrain_loss(run.pipe, run.model, captions, arrays, seed, uncond, sizes)
     run.scaler.scale(args.pretrain_weight * loss).backward()
     grad_norm, skipped = optimizer_step(run, f"iteration {iteration} pretrain")
     grad_norm = 0.0 if skipped else grad_norm.item()  # of beta * L_pre before clipping, as the RL steps'

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from test_train import SMALL, metrics, run, torchrun
 
@@ -61,7 +61,7 @@ def test_samples_equal_stock_sdxl_pipeline_with_one_batched_unet_call_per_step(p
                   generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
     assert torch.equal(ours["images"], images)
     cond = ours["cond"]
-    assert cond["prompt_embeds"].shape == (2, 16, 64) and cond["pooled_prompt_embeds"].shape == (2, 32)
+    assert cond["prompt_embeds"].shape == (2, 16, 32 + 48) and cond["pooled_prompt_embeds"].shape == (2, 16)
     assert cond["add_time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2  # original size, crop, target size
     assert not cond["negative_prompt_embeds"].any()  # SDXL's empty negative prompt: zeros, as stock
 
@@ -90,21 +90,56 @@ def test_recomputed_log_probs_give_ratio_one(pipe):
 
 
 def test_pretrain_loss_takes_sdxl_conditioning_and_trains_the_unet(pipe):
+    """L_pre passes SDXL's inputs: dropped captions get the zeros guidance uses as unconditional input, and
+    the size ids each image's size before its resize."""
     arrays = [torch.rand(32, 32, 3).numpy() * 255 for _ in range(2)]
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda unet, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
     pipe.unet.requires_grad_(True)
     try:
-        loss = sampler.pretrain_loss(pipe, pipe.unet, ["a red square", "a blue circle"], arrays, seed=0,
-                                     uncond_prob=0.5)  # fmt: skip
+        captions = ["a red square", "a blue circle"]
+        loss = sampler.pretrain_loss(pipe, pipe.unet, captions, arrays, 0, 0.0, [(512, 768), (64, 64)])
         loss.backward()
         assert torch.isfinite(loss) and loss > 0
         assert pipe.unet.add_embedding.linear_1.weight.grad.abs().sum() > 0  # the pooled text / size ids path
+        with torch.no_grad():
+            sampler.pretrain_loss(pipe, pipe.unet, captions, arrays, 0, uncond_prob=1.0)
     finally:
+        hook.remove()
         pipe.unet.zero_grad(set_to_none=True)
         pipe.unet.requires_grad_(False)
+    (kept, kept_added), (dropped, dropped_added) = [
+        (k["encoder_hidden_states"], k["added_cond_kwargs"]) for k in seen
+    ]
+    assert kept_added["time_ids"].tolist() == [[512, 768, 0, 0, 32, 32], [64, 64, 0, 0, 32, 32]]
+    assert kept.any() and kept_added["text_embeds"].any()
+    assert not dropped.any() and not dropped_added["text_embeds"].any()
+
+
+def test_only_a_text_to_image_sdxl_loads_and_fp16_is_refused_before_the_weights(tmp_path, monkeypatch):
+    folder = tmp_path / "tiny-xl"
+    sampler.tiny_xl_pipeline().save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    # SDXL's VAE overflows in fp16 (NaN images, nonsense rewards): one line naming bf16, no weights loaded
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
+        flags = ["--rewards", "brightness", "--mixed-precision", "fp16", "--out", str(tmp_path / "run")]
+        train.setup(train.parse_args([*SMALL, "--model", str(folder), *flags]))
+    for model in (str(folder), "tiny-xl"):  # evaluate.py --mixed-precision fp16
+        with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
+            sampler.load_pipeline(model, dtype=torch.float16)
+    refiner = {**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}
+    (folder / "model_index.json").write_text(json.dumps(refiner))
+    with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline.*not a refiner"):
+        sampler.load_pipeline(str(folder))
 
 
 def test_brightness_rises_on_policy_at_the_first_trained_step(tmp_path):
-    out = run(tmp_path, *XL, "--rewards", "brightness", "--iterations", "24", "--batch-size", "16")
+    flags = ["--rewards", "brightness", "--iterations", "24", "--batch-size", "16", "--lr", "3e-3"]
+    out = run(tmp_path, *XL, *flags)  # tiny-xl's images barely move: a larger step than tiny's 1e-3
     rows = metrics(out)
     for row in rows:
         assert row["ratio_error_first"] == 0 and row["clipfrac_per_step"][0] == 0
@@ -117,13 +152,16 @@ def test_brightness_rises_on_policy_at_the_first_trained_step(tmp_path):
 
 def test_full_checkpoint_loads_in_stock_sdxl_resumes_exactly_and_evaluates(tmp_path):
     folder = str(tmp_path / "tiny-xl")
-    sampler.tiny_xl_pipeline().save_pretrained(folder)  # the base model as a diffusers folder, as a hub copy
+    base = sampler.tiny_xl_pipeline()
+    base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)  # as the hub's SDXL base ships
+    base.save_pretrained(folder)  # the base model as a diffusers folder, as a hub copy
     flags = ["--model", folder, "--rewards", "brightness", "--save-every", "1", "--gradient-checkpointing",
              "--pretrain-data", pretrain_folder(tmp_path)]  # fmt: skip
     out = run(tmp_path, *flags, "--iterations", "2")
     assert [row["task"] for row in metrics(out)] == ["brightness", "pretrain"] * 2
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "final", "unet"))  # as a diffusers user
     stock = StableDiffusionXLPipeline.from_pretrained(folder, unet=unet)
+    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config)  # as load_pipeline does
     ours = sampler.load_pipeline(folder, checkpoint=os.path.join(out, "final"))
     assert isinstance(ours, StableDiffusionXLPipeline)
     seed = torch.Generator().manual_seed(0)
@@ -183,12 +221,3 @@ def test_torchrun_two_ranks_train_sdxl_with_identical_weights(tmp_path):
     state = torch.load(os.path.join(out, "checkpoint-2", "train_state.pt"), weights_only=True)
     checksums = state["rank_checksums"]
     assert checksums.shape == (2, 2) and torch.equal(checksums[0], checksums[1])
-
-
-def test_fp16_with_sdxls_vae_is_refused_before_any_work(tmp_path):
-    """SDXL's VAE overflows in fp16 (NaN images, nonsense rewards): one line naming bf16, before sampling."""
-    with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
-        flags = ["--rewards", "brightness", "--mixed-precision", "fp16", "--out", str(tmp_path / "run")]
-        train.setup(train.parse_args([*SMALL, *XL, *flags]))
-    with pytest.raises(ValueError, match="overflows in fp16.*bf16"):
-        sampler.load_pipeline("tiny-xl", dtype=torch.float16)  # evaluate.py --mixed-precision fp16
