@@ -308,10 +308,10 @@ def checkpoint_fingerprint(checkpoint: str | None) -> list:
 
 def model_fingerprint(model: str) -> str | list:
     """The base model in the image cache key: a local folder (the toy model's for "toy") by its name and its
-    files' fingerprint, so re-pretraining it or changing its weights invalidates its images; "tiny" and
-    "tiny-xl" (built in code) and hub ids by their name."""
+    files' fingerprint, so re-pretraining it or changing its weights invalidates its images; models built in
+    code ("tiny", "tiny-xl") and hub ids by their name."""
     folder = sampler.TOY_MODEL_DIR if model == "toy" else model
-    if model in ("tiny", "tiny-xl") or not os.path.isdir(folder):
+    if model in sampler.BUILT_IN or not os.path.isdir(folder):
         return model
     return [model, checkpoint_fingerprint(folder)]
 
