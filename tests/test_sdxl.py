@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from test_train import SMALL, metrics, run, torchrun
+from test_train import SMALL, metrics, pretrain_folder, run, torchrun
 
 import evaluate
 import sampler
@@ -156,7 +156,7 @@ def test_full_checkpoint_loads_in_stock_sdxl_resumes_exactly_and_evaluates(tmp_p
     base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)  # as the hub's SDXL base ships
     base.save_pretrained(folder)  # the base model as a diffusers folder, as a hub copy
     flags = ["--model", folder, "--rewards", "brightness", "--save-every", "1", "--gradient-checkpointing",
-             "--pretrain-data", pretrain_folder(tmp_path)]  # fmt: skip
+             "--pretrain-data", str(pretrain_folder(tmp_path))]  # fmt: skip
     out = run(tmp_path, *flags, "--iterations", "2")
     assert [row["task"] for row in metrics(out)] == ["brightness", "pretrain"] * 2
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "final", "unet"))  # as a diffusers user
@@ -178,18 +178,6 @@ def test_full_checkpoint_loads_in_stock_sdxl_resumes_exactly_and_evaluates(tmp_p
                    "--batch-size", "4", "--resamples", "100", "--out", results])  # fmt: skip
     scores = json.load(open(os.path.join(results, "results.json")))["sets"]["brightness/test"]
     assert {"base", "tuned"} <= set(scores["files"])
-
-
-def pretrain_folder(tmp_path) -> str:
-    from PIL import Image
-
-    data = tmp_path / "pretrain"
-    data.mkdir()
-    with open(data / "metadata.jsonl", "w") as f:
-        for i in range(4):
-            Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(data / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": "a red square"}) + "\n")
-    return str(data)
 
 
 def test_lora_in_bf16_loads_in_stock_sdxl_and_resumes_exactly(tmp_path):

@@ -399,7 +399,8 @@ def sampler_weights():
     return sampler.tiny_pipeline().unet.state_dict()
 
 
-def test_pretraining_loss_step(tmp_path):
+def pretrain_folder(tmp_path):
+    """An L_pre imagefolder of 4 red squares of 32x32 with their captions (tmp_path/data)."""
     from PIL import Image
 
     data = tmp_path / "data"
@@ -408,6 +409,11 @@ def test_pretraining_loss_step(tmp_path):
         for i in range(4):
             Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(data / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "text": "a red square"}) + "\n")
+    return data
+
+
+def test_pretraining_loss_step(tmp_path):
+    data = pretrain_folder(tmp_path)
     out = run(tmp_path, "--rewards", "brightness", "--iterations", "2", "--pretrain-data", str(data))
     rows = [row for row in metrics(out) if row["task"] == "pretrain"]
     assert [row["iteration"] for row in rows] == [0, 1] and all(row["loss"] > 0 for row in rows)
